@@ -1,0 +1,502 @@
+"""A real-time chat in one module: hug's HTTP routes and a websockets room in one process.
+
+    python chat.py            then open http://127.0.0.1:8000/
+
+Two servers share this process. The asyncio event loop runs the websocket server in
+one thread and owns the room: the history, the id counter and the connections. hug's
+HTTP routes run in waitress's worker threads; they never touch the room themselves,
+they hand their work to the event loop and wait for the answer. One owner means one
+order: every client sees the same messages, in the same order, as GET /messages.
+
+Read it top to bottom: configuration, the room, the websocket handlers, the HTTP
+routes, start-up and shutdown, main(). The contract is in the README.
+"""
+
+import argparse
+import asyncio
+import collections
+import datetime
+import http
+import json
+import secrets
+import signal
+import sys
+import threading
+import time
+import unicodedata
+import urllib.parse
+import webbrowser
+from pathlib import Path
+
+import hug
+import waitress
+import waitress.wasyncore
+from falcon.util.uri import parse_query_string
+from websockets.asyncio.server import broadcast, serve
+
+# --- Configuration -------------------------------------------------------------------
+
+PAGE = Path(__file__).with_name("chat.html")
+MAX_TEXT = 2000  # characters, after trimming white space
+MAX_NAME = 32
+MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
+MAX_BODY = 64 * 1024  # bytes; a bigger HTTP body is refused by waitress (413)
+MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
+HISTORY_ON_CONNECT = 50
+BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
+HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
+
+
+class BadInput(ValueError):
+    """A client sent something the contract does not allow; the message says the rule."""
+
+
+# --- The room --------------------------------------------------------------------------
+
+
+def clean_text(value):
+    """The text of a message, trimmed; hug uses it as a type, so HTTP and websocket agree."""
+    if not isinstance(value, str):
+        raise BadInput("text must be a string")
+    text = value.strip()
+    if not text:
+        raise BadInput("text is empty")
+    if len(text) > MAX_TEXT:
+        raise BadInput(f"text is longer than {MAX_TEXT} characters")
+    check_encodable(text, "text")
+    return text
+
+
+def clean_name(value):
+    """A display name: trimmed, 1 to 32 characters, no control characters."""
+    if not isinstance(value, str):
+        raise BadInput("name must be a string")
+    name = value.strip()
+    if not name:
+        raise BadInput("name is empty")
+    if len(name) > MAX_NAME:
+        raise BadInput(f"name is longer than {MAX_NAME} characters")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise BadInput("name has control characters")
+    check_encodable(name, "name")
+    return name
+
+
+def check_encodable(value, field):
+    """JSON can carry a lone surrogate ("\\ud800") that UTF-8 cannot; refuse it here, not later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInput(f"{field} is not valid Unicode") from None
+
+
+def utc_now():
+    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Room:
+    """Everything the chat remembers.
+
+    Only the event loop's thread calls these methods, and none of them awaits: each
+    runs from start to end without anything else happening in between. That is what
+    makes the loop a safe owner, with no lock anywhere.
+    """
+
+    def __init__(self, history, loop, ws_port):
+        self.loop = loop  # the one thread allowed in here; see ask_room()
+        self.ws_port = ws_port
+        self.id = secrets.token_hex(8)  # changes on restart, so clients know ids began again
+        self.messages = collections.deque(maxlen=history)
+        self.last_id = 0
+        self.guests = 0
+        self.clients = {}  # connection -> name
+
+    def guest_name(self):
+        self.guests += 1
+        return f"guest-{self.guests}"
+
+    def add_message(self, name, text):
+        self.last_id += 1
+        message = {"type": "message", "id": self.last_id, "name": name, "text": text, "ts": utc_now()}
+        self.messages.append(message)
+        self.send_to_all(message)
+        return message
+
+    def messages_since(self, since=None, limit=None):
+        """Kept messages with an id greater than `since`, oldest first; the last 50 without it."""
+        if since is None:
+            return list(self.messages)[-HISTORY_ON_CONNECT:]
+        newer = [m for m in self.messages if m["id"] > since]
+        return newer[:limit]
+
+    def join(self, connection, name, since):
+        """Send the history, then count the connection in: no message can fall in between."""
+        history = {"type": "history", "room": self.id, "messages": self.messages_since(since)}
+        broadcast([connection], json.dumps(history, ensure_ascii=False))
+        self.clients[connection] = name
+        self.send_presence(joined=name)
+
+    def leave(self, connection):
+        name = self.clients.pop(connection)
+        self.send_presence(left=name)
+
+    def rename(self, connection, name):
+        old, self.clients[connection] = self.clients[connection], name
+        self.send_presence(renamed={"from": old, "to": name})
+
+    def send_presence(self, **change):
+        self.send_to_all({"type": "presence", "online": sorted(self.clients.values()), **change})
+
+    def send_to_all(self, frame):
+        """Encode once, write to everyone without waiting; drop whoever stopped reading."""
+        for connection in self.clients:
+            if connection.transport.get_write_buffer_size() > MAX_QUEUED:
+                connection.transport.abort()  # frees the buffer; its handler then leaves the room
+        broadcast(self.clients, json.dumps(frame, ensure_ascii=False))
+
+    def health(self):
+        return {"status": "ok", "clients": len(self.clients), "messages": len(self.messages), "last_id": self.last_id}
+
+
+room = None  # the one Room of this process, made by start_servers()
+
+
+# --- The websocket handlers ------------------------------------------------------------
+
+
+class TokenBucket:
+    """Allows `burst` frames at once, then `rate` a second: a human never notices, a script does."""
+
+    def __init__(self, burst=BURST, rate=PER_SECOND):
+        self.burst, self.rate = burst, rate
+        self.tokens, self.last = burst, time.monotonic()
+
+    def take(self):
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def parse_since(value):
+    """`since` from a query string: None when absent, else a whole number of 0 or more."""
+    if value is None:
+        return None
+    if not value.isdigit():  # isdigit() is also true for "²"; int() refuses it below
+        raise BadInput("since must be a whole number of 0 or more")
+    try:
+        return int(value)
+    except ValueError:
+        raise BadInput("since must be a whole number of 0 or more") from None
+
+
+async def echo(connection):
+    """The first workshop step: every frame goes straight back to its sender."""
+    async for frame in connection:
+        await connection.send(frame)
+
+
+async def chat(connection):
+    """One client in the room: history first, then its frames until it goes."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
+    errors = []
+    try:
+        name = clean_name(query["name"][0]) if "name" in query else room.guest_name()
+    except BadInput as error:
+        name = room.guest_name()
+        errors.append(str(error))
+    try:
+        since = parse_since(query.get("since", [None])[0])
+    except BadInput as error:
+        since = None
+        errors.append(str(error))
+
+    room.join(connection, name, since)
+    try:
+        for error in errors:
+            await send_error(connection, error)
+        bucket = TokenBucket()
+        async for frame in connection:
+            try:
+                if not bucket.take():
+                    raise BadInput("too many messages too fast: wait a second")
+                handle_frame(connection, frame)
+            except BadInput as error:
+                await send_error(connection, str(error))
+    finally:
+        room.leave(connection)
+
+
+def handle_frame(connection, frame):
+    """Act on one frame from a client; a frame that is not a JSON object is a message's text."""
+    if isinstance(frame, bytes):
+        raise BadInput("binary frames are not accepted: send text")
+    try:
+        data = json.loads(frame)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        room.add_message(room.clients[connection], clean_text(frame))
+    elif data.get("type") == "message":
+        room.add_message(room.clients[connection], clean_text(data.get("text")))
+    elif data.get("type") == "name":
+        room.rename(connection, clean_name(data.get("name")))
+    else:
+        raise BadInput(f"unknown type: {str(data.get('type'))[:40]!r} (use 'message' or 'name')")
+
+
+async def send_error(connection, error):
+    await connection.send(json.dumps({"type": "error", "error": error}))
+
+
+async def route(connection):
+    """The websocket server's one handler: the path picks the room or the echo."""
+    if urllib.parse.urlsplit(connection.request.path).path == "/echo":
+        await echo(connection)
+    else:
+        await chat(connection)
+
+
+def check_request(http_port):
+    """Refuse unknown paths (404) and pages from other sites (403) before the handshake.
+
+    websockets' own `origins=` takes a fixed list, but the page's address is whatever the
+    reader typed (127.0.0.1, localhost, a LAN address): so compare with the Host header.
+    """
+
+    def process_request(connection, request):
+        if urllib.parse.urlsplit(request.path).path not in ("/", "/chat", "/echo"):
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
+        origin = request.headers.get("Origin")
+        host = urllib.parse.urlsplit("//" + request.headers.get("Host", "")).hostname
+        if origin is not None and not is_chat_page(origin, host, http_port):
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "Origin not allowed\n")
+        return None
+
+    return process_request
+
+
+def is_chat_page(origin, host, http_port):
+    try:
+        page = urllib.parse.urlsplit(origin)
+        return page.scheme == "http" and page.hostname == host and page.port == http_port
+    except ValueError:  # a port that is not a number
+        return False
+
+
+# --- The HTTP routes (hug) ------------------------------------------------------------
+
+api = hug.API(__name__)
+
+
+def ask_room(method, *args):
+    """Run a Room method on the event loop's thread and wait for its answer.
+
+    HTTP handlers run in waitress's threads; the room belongs to the loop.
+    """
+
+    async def call():
+        return method(*args)
+
+    return asyncio.run_coroutine_threadsafe(call(), room.loop).result(timeout=HTTP_WAIT)
+
+
+def since_type(value):
+    """Id of the last message the client has: a whole number of 0 or more."""
+    return parse_since(str(value))
+
+
+def limit_type(value):
+    """How many messages at most: 1 to 1000."""
+    if not str(value).isdigit() or not 1 <= int(value) <= 1000:
+        raise BadInput("limit must be a whole number from 1 to 1000")
+    return int(value)
+
+
+@hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
+def page():
+    return PAGE.read_bytes()
+
+
+@hug.get("/config", api=api)
+def config():
+    """What the page needs to connect."""
+    return {"ws_port": room.ws_port, "room": room.id, "max_text": MAX_TEXT, "max_name": MAX_NAME}
+
+
+@hug.get(["/messages", "/get_messages"], api=api)
+def get_messages(since: since_type = 0, limit: limit_type = 100):
+    return {"messages": ask_room(room.messages_since, since, limit)}
+
+
+@hug.post("/messages", api=api, status=hug.HTTP_201)
+def post_message(text: clean_text, name: clean_name = None):
+    """Store and broadcast a message; answers 201 and the stored message."""
+    return ask_room(add_http_message, name, text)
+
+
+@hug.post("/send_message", api=api, status=hug.HTTP_201)
+def send_message(response, text: clean_text = None, message: clean_text = None, name: clean_name = None):
+    """The seed tutorial's name for POST /messages, which called the text `message`."""
+    if text is None and message is None:
+        response.status = hug.HTTP_400
+        return {"errors": {"text": "Required parameter 'text' not supplied"}}
+    return ask_room(add_http_message, name, text or message)
+
+
+def add_http_message(name, text):
+    return room.add_message(name or room.guest_name(), text)
+
+
+@hug.get("/health", api=api)
+def health():
+    return ask_room(room.health)
+
+
+@hug.default_input_format("application/json", api=api)
+def read_json(body, **_header_params):
+    """JSON is UTF-8 (RFC 8259): hug's own reader trusts the header's charset, even a bogus one."""
+    try:
+        return json.loads(body.read().decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # includes bad UTF-8 and nesting too deep
+        raise BadInput(f"the body is not valid JSON: {error}") from None
+
+
+@hug.default_input_format("application/x-www-form-urlencoded", api=api)
+def read_form(body, **_header_params):
+    """hug's own form reader reads only ASCII and splits "text=a,b" into a list."""
+    try:
+        return parse_query_string(body.read().decode("utf-8"), keep_blank=True, csv=False)
+    except UnicodeDecodeError:
+        raise BadInput("the body is not valid UTF-8") from None
+
+
+@hug.exception(BadInput, api=api)
+def bad_body(exception, response):
+    """Without this a body hug cannot read is a 500 with a traceback."""
+    response.status = hug.HTTP_400
+    return {"errors": {"body": str(exception)}}
+
+
+# --- Start-up and shutdown -------------------------------------------------------------
+
+
+class Servers:
+    """The two running servers, their threads and real ports; stop() ends them all."""
+
+    def __init__(self, host, port, ws_port, history):
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
+        self.loop_thread.start()
+        try:
+            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, port, history))
+            self.ws_port = room.ws_port
+            self.start_http(host, port)
+        except BaseException:
+            self.stop()
+            raise
+
+    def in_loop(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    async def start_websockets(self, host, ws_port, http_port, history):
+        """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
+        global room
+        server = await serve(
+            route,
+            host,
+            ws_port,
+            process_request=check_request(http_port),
+            max_size=MAX_FRAME,
+            compression=None,  # chat messages are small; see "Performance" in the README
+        )
+        room = Room(history, asyncio.get_running_loop(), server.sockets[0].getsockname()[1])
+        return server
+
+    def start_http(self, host, port):
+        app = api.http.server(default_not_found=False)
+        app.req_options.auto_parse_qs_csv = False  # or "text=a,b" arrives as a list
+        self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
+        self.http_server = waitress.create_server(
+            app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY
+        )
+        self.port = self.http_server.effective_port
+        self.http_thread = threading.Thread(target=self.http_server.run, name="http")
+        self.http_thread.start()
+
+    def stop(self):
+        """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client)."""
+        if hasattr(self, "http_thread"):
+            close_all = lambda: waitress.wasyncore.close_all(self.socket_map)  # noqa: E731
+            self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
+            self.http_thread.join(5)
+            self.http_server.task_dispatcher.shutdown(timeout=5)
+        if hasattr(self, "ws_server"):
+            self.ws_server.close()
+            self.in_loop(self.ws_server.wait_closed())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.loop_thread.join(5)
+        self.loop.close()
+
+
+def start_servers(host="127.0.0.1", port=8000, ws_port=8765, history=1000):
+    return Servers(host, port, ws_port, history)
+
+
+# --- main() ----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="chat.py", usage=argparse.SUPPRESS, description="A real-time chat: hug + websockets."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=8000, help="HTTP port, 0 for any free one")
+    parser.add_argument("--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one")
+    parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
+    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
+    return parser.parse_args(argv)
+
+
+def port_number(value):
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
+    return int(value)
+
+
+def positive(value):
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
+    return int(value)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        servers = start_servers(args.host, args.port, args.ws_port, args.history)
+    except OSError as error:
+        print(f"chat.py: error: cannot listen on {args.host}: {error.strerror or error}", file=sys.stderr)
+        return 2
+
+    page_url = f"http://{args.host}:{servers.port}/"
+    print(f"Chat page:  {page_url}", flush=True)
+    print(f"Websocket:  ws://{args.host}:{servers.ws_port}/", flush=True)
+    if args.open:
+        webbrowser.open(page_url)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    servers.stop()
+    print("Stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
