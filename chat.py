@@ -358,22 +358,31 @@ def health():
     return ask_room(room.health)
 
 
+def read_utf8(body):
+    """Bodies are UTF-8. hug's readers trust the header's charset, even a bogus one (a 500)."""
+    try:
+        return body.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInput("the body is not valid UTF-8") from None
+
+
 @hug.default_input_format("application/json", api=api)
 def read_json(body, **_header_params):
-    """JSON is UTF-8 (RFC 8259): hug's own reader trusts the header's charset, even a bogus one."""
     try:
-        return json.loads(body.read().decode("utf-8"))
-    except (ValueError, RecursionError) as error:  # includes bad UTF-8 and nesting too deep
+        return json.loads(read_utf8(body))
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise BadInput(f"the body is not valid JSON: {error}") from None
 
 
 @hug.default_input_format("application/x-www-form-urlencoded", api=api)
 def read_form(body, **_header_params):
-    """hug's own form reader reads only ASCII and splits "text=a,b" into a list."""
-    try:
-        return parse_query_string(body.read().decode("utf-8"), keep_blank=True, csv=False)
-    except UnicodeDecodeError:
-        raise BadInput("the body is not valid UTF-8") from None
+    """hug's own form reader also splits "text=a,b" into a list."""
+    return parse_query_string(read_utf8(body), keep_blank=True, csv=False)
+
+
+@hug.default_input_format("text/plain", api=api)
+def read_text(body, **_header_params):
+    return read_utf8(body)
 
 
 @hug.exception(BadInput, api=api)
@@ -394,15 +403,24 @@ class Servers:
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:
-            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, port, history))
+            self.http_server = self.bind_http(host, port)  # binds now, serves from run()
+            self.port = int(self.http_server.effective_port)  # a string in waitress; real also for --port 0
+            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, self.port, history))
             self.ws_port = room.ws_port
-            self.start_http(host, port)
+            self.http_thread = threading.Thread(target=self.http_server.run, name="http")
+            self.http_thread.start()
         except BaseException:
             self.stop()
             raise
 
     def in_loop(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
+
+    def bind_http(self, host, port):
+        app = api.http.server(default_not_found=False)
+        app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
+        self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
+        return waitress.create_server(app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY)
 
     async def start_websockets(self, host, ws_port, http_port, history):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
@@ -418,23 +436,15 @@ class Servers:
         room = Room(history, asyncio.get_running_loop(), server.sockets[0].getsockname()[1])
         return server
 
-    def start_http(self, host, port):
-        app = api.http.server(default_not_found=False)
-        app.req_options.auto_parse_qs_csv = False  # or "text=a,b" arrives as a list
-        self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
-        self.http_server = waitress.create_server(
-            app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY
-        )
-        self.port = self.http_server.effective_port
-        self.http_thread = threading.Thread(target=self.http_server.run, name="http")
-        self.http_thread.start()
-
     def stop(self):
         """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client)."""
         if hasattr(self, "http_thread"):
             close_all = lambda: waitress.wasyncore.close_all(self.socket_map)  # noqa: E731
             self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
             self.http_thread.join(5)
+        elif hasattr(self, "http_server"):
+            waitress.wasyncore.close_all(self.socket_map)  # bound, never served
+        if hasattr(self, "http_server"):
             self.http_server.task_dispatcher.shutdown(timeout=5)
         if hasattr(self, "ws_server"):
             self.ws_server.close()

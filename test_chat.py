@@ -1,0 +1,576 @@
+"""The contract (README "Protocol"), checked against real servers and real clients.
+
+Most tests start the servers in this process on free ports (fast); the command line,
+signals and exit codes are tested on `python chat.py` run as a subprocess.
+"""
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import queue
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import hug
+import pytest
+import websockets
+from websockets.asyncio.client import connect as async_connect
+from websockets.sync.client import connect
+
+import chat
+
+CHAT_PY = Path(__file__).with_name("chat.py")
+
+
+# --- Helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server():
+    """The chat on free ports in this process; stopped, threads and all, after the test."""
+    threads_before = set(threading.enumerate())
+    servers = chat.start_servers("127.0.0.1", 0, 0, history=1000)
+    yield servers
+    servers.stop()
+    assert set(threading.enumerate()) <= threads_before, "a server thread outlived stop()"
+
+
+@pytest.fixture
+def small_server():
+    servers = chat.start_servers("127.0.0.1", 0, 0, history=3)
+    yield servers
+    servers.stop()
+
+
+def request(port, method, path, body=None, content_type="application/json", headers=()):
+    """One HTTP request; returns (status, content type, body bytes)."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers={"Content-Type": content_type, **dict(headers)})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        connection.close()
+
+
+def get(port, path):
+    status, _, body = request(port, "GET", path)
+    return status, json.loads(body)
+
+
+def post(port, path, body, content_type="application/json"):
+    status, _, data = request(port, "POST", path, body, content_type)
+    return status, json.loads(data)
+
+
+def ws_url(servers, path="/", **query):
+    from urllib.parse import urlencode
+
+    return f"ws://127.0.0.1:{servers.ws_port}{path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def receive(ws, kind, timeout=5):
+    """The next frame of type `kind`, skipping the others (presence comes and goes)."""
+    while True:
+        frame = json.loads(ws.recv(timeout=timeout))
+        if frame["type"] == kind:
+            return frame
+
+
+@contextlib.contextmanager
+def joined(servers, **query):
+    """A sync websocket client in the room, and the history frame it got first."""
+    with connect(ws_url(servers, **query), open_timeout=5) as ws:
+        yield ws, receive(ws, "history")
+
+
+# --- HTTP routes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/chat"])
+def test_page_is_served_as_utf8_html(server, path):
+    status, content_type, body = request(server.port, "GET", path)
+    assert status == 200
+    assert content_type == "text/html; charset=utf-8"
+    assert b'id="chat-box"' in body
+
+
+def test_config_tells_the_page_the_websocket_port(server):
+    status, config = get(server.port, "/config")
+    assert status == 200
+    assert config["ws_port"] == server.ws_port
+
+
+def test_post_answers_201_with_the_stored_message(server):
+    status, message = post(server.port, "/messages", {"name": "alice", "text": "  hi  "})
+    assert status == 201
+    assert message["id"] == 1 and message["name"] == "alice" and message["text"] == "hi"
+    assert message["ts"].endswith("Z") and message["ts"][10] == "T"
+
+
+def test_post_without_name_gets_a_guest_name(server):
+    _, message = post(server.port, "/messages", {"text": "hello"})
+    assert message["name"].startswith("guest-")
+
+
+def test_form_post_keeps_commas_and_utf8(server):
+    status, message = post(server.port, "/messages", "name=j%C3%B6rg&text=a,b,c", "application/x-www-form-urlencoded")
+    assert status == 201
+    assert (message["name"], message["text"]) == ("jörg", "a,b,c")
+
+
+def test_get_messages_since_and_limit_oldest_first(server):
+    for n in range(1, 6):
+        post(server.port, "/messages", {"text": f"m{n}"})
+    _, body = get(server.port, "/messages?since=1&limit=3")
+    assert [m["text"] for m in body["messages"]] == ["m2", "m3", "m4"]
+    _, body = get(server.port, "/messages")
+    assert [m["id"] for m in body["messages"]] == [1, 2, 3, 4, 5]
+
+
+def test_seed_tutorial_aliases_send_message_and_get_messages(server):
+    status, message = post(server.port, "/send_message", "message=old+style", "application/x-www-form-urlencoded")
+    assert status == 201 and message["text"] == "old style"
+    _, body = get(server.port, "/get_messages?since=0")
+    assert [m["text"] for m in body["messages"]] == ["old style"]
+
+
+def test_health_counts_clients_and_messages(server):
+    post(server.port, "/messages", {"text": "one"})
+    with connect(ws_url(server), open_timeout=5) as ws:
+        receive(ws, "presence")  # joined: the room counts it now
+        status, health = get(server.port, "/health")
+        assert status == 200
+        assert health["status"] == "ok" and health["clients"] == 1 and health["messages"] == 1
+
+
+def test_unknown_url_is_a_plain_404(server):
+    status, _, body = request(server.port, "GET", "/nope")
+    assert status == 404
+    assert b"documentation" not in body
+
+
+def test_history_keeps_the_newest_and_ids_keep_counting(small_server):
+    for n in range(1, 6):
+        post(small_server.port, "/messages", {"text": f"m{n}"})
+    _, body = get(small_server.port, "/messages")
+    assert [m["id"] for m in body["messages"]] == [3, 4, 5]
+
+
+# --- HTTP bad input: 400 with a JSON body that names the field -------------------------
+
+BAD_POSTS = [
+    ({}, "text", "not supplied"),
+    ({"text": ""}, "text", "text is empty"),
+    ({"text": "   \n\t "}, "text", "text is empty"),
+    ({"text": "x" * 2001}, "text", "longer than 2000"),
+    ({"text": 42}, "text", "must be a string"),
+    ({"text": {"x": 1}}, "text", "must be a string"),
+    ({"text": ["a"]}, "text", "must be a string"),
+    ({"text": None}, "text", "must be a string"),
+    ({"text": "\ud800"}, "text", "not valid Unicode"),
+    ({"text": "hi", "name": "n" * 33}, "name", "longer than 32"),
+    ({"text": "hi", "name": ""}, "name", "empty"),
+    ({"text": "hi", "name": 7}, "name", "must be a string"),
+    ({"text": "hi", "name": "a\nb"}, "name", "control characters"),
+]
+
+
+@pytest.mark.parametrize("body, field, rule", BAD_POSTS)
+def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule):
+    response = hug.test.post(chat, "/messages", json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status == hug.HTTP_400
+    assert rule in response.data["errors"][field]
+
+
+def test_exactly_2000_characters_of_emoji_are_accepted(server):
+    status, message = post(server.port, "/messages", {"text": "😀" * 2000})
+    assert status == 201 and len(message["text"]) == 2000
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        ("{not json", "application/json"),
+        (b"\xff\xfe", "application/json"),
+        ("[" * 20000, "application/json"),
+        ('{"text": "hi"}', "application/json; charset=bogus-charset"),
+        (b"text=\xff", "application/x-www-form-urlencoded"),
+        (b"\xff", "text/plain; charset=bogus-charset"),
+    ],
+)
+def test_unreadable_body_is_a_400_not_a_500(server, body, content_type):
+    status, _, data = request(server.port, "POST", "/messages", body, content_type)
+    assert status in (400, 201)  # a bogus charset is ignored: JSON is UTF-8
+    if status == 400:
+        assert "body" in json.loads(data)["errors"]
+
+
+@pytest.mark.parametrize(
+    "query, field", [("since=x", "since"), ("since=-1", "since"), ("limit=0", "limit"), ("limit=1001", "limit")]
+)
+def test_bad_query_is_a_400_naming_the_parameter(server, query, field):
+    status, body = get(server.port, f"/messages?{query}")
+    assert status == 400
+    assert field in body["errors"]
+
+
+def test_huge_since_is_just_nothing_new(server):
+    post(server.port, "/messages", {"text": "hi"})
+    assert get(server.port, "/messages?since=" + "9" * 40) == (200, {"messages": []})
+
+
+def test_body_over_64_kib_is_refused_with_413(server):
+    status, _, _ = request(server.port, "POST", "/messages", {"text": "x" * 70000})
+    assert status == 413
+
+
+def test_random_bytes_at_every_route_never_give_a_500(server):
+    rng = random.Random(2026)
+    paths = ["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]
+    content_types = ["application/json", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                     "text/plain", "application/json; charset=latin-1"]
+    for _ in range(400):
+        body = rng.randbytes(rng.randrange(0, 300))
+        status, _, _ = request(server.port, rng.choice(["GET", "POST"]), rng.choice(paths), body, rng.choice(content_types))
+        assert status < 500
+    assert get(server.port, "/health")[0] == 200
+
+
+# --- The websocket room ----------------------------------------------------------------
+
+
+def test_history_comes_first_with_the_last_50(server):
+    for n in range(1, 61):
+        post(server.port, "/messages", {"text": f"m{n}"})
+    with joined(server) as (ws, history):
+        assert [m["id"] for m in history["messages"]] == list(range(11, 61))
+
+
+def test_since_resumes_with_every_kept_message_after_it(server):
+    for n in range(1, 61):
+        post(server.port, "/messages", {"text": f"m{n}"})
+    with joined(server, since=5) as (ws, history):
+        assert [m["id"] for m in history["messages"]] == list(range(6, 61))
+
+
+def test_message_reaches_everyone_including_the_sender(server):
+    with joined(server, name="alice") as (alice, _), joined(server, name="bob") as (bob, _):
+        alice.send(json.dumps({"type": "message", "text": "hello bob"}))
+        for ws in (alice, bob):
+            message = receive(ws, "message")
+            assert (message["name"], message["text"], message["id"]) == ("alice", "hello bob", 1)
+
+
+def test_http_post_is_broadcast_to_websocket_clients(server):
+    with joined(server) as (ws, _):
+        post(server.port, "/messages", {"name": "curl", "text": "from http"})
+        message = receive(ws, "message")
+        assert (message["name"], message["text"]) == ("curl", "from http")
+
+
+def test_plain_text_frame_is_a_message(server):
+    with joined(server, name="cli") as (ws, _):
+        ws.send("just typing")
+        assert receive(ws, "message")["text"] == "just typing"
+        ws.send("[1, 2]")  # JSON, but not an object
+        assert receive(ws, "message")["text"] == "[1, 2]"
+
+
+def test_presence_on_join_rename_and_leave(server):
+    with joined(server, name="alice") as (alice, _):
+        assert receive(alice, "presence") == {"type": "presence", "online": ["alice"], "joined": "alice"}
+        with joined(server, name="bob") as (bob, _):
+            assert receive(alice, "presence")["online"] == ["alice", "bob"]
+            bob.send(json.dumps({"type": "name", "name": "robert"}))
+            renamed = receive(alice, "presence")
+            assert renamed["online"] == ["alice", "robert"] and renamed["renamed"] == {"from": "bob", "to": "robert"}
+        left = receive(alice, "presence")
+        assert left["online"] == ["alice"] and left["left"] == "robert"
+
+
+def test_messages_after_rename_carry_the_new_name(server):
+    with joined(server, name="bob") as (ws, _):
+        ws.send(json.dumps({"type": "name", "name": "robert"}))
+        ws.send(json.dumps({"type": "message", "text": "hi"}))
+        assert receive(ws, "message")["name"] == "robert"
+
+
+def test_echo_sends_each_frame_back(server):
+    with connect(ws_url(server, "/echo"), open_timeout=5) as ws:
+        ws.send("ping")
+        assert ws.recv(timeout=5) == "ping"
+        ws.send(b"\x00\x01")
+        assert ws.recv(timeout=5) == b"\x00\x01"
+
+
+def test_chat_path_is_the_room_too(server):
+    with connect(ws_url(server, "/chat"), open_timeout=5) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "history"
+
+
+def test_unknown_path_is_refused_with_404(server):
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with connect(ws_url(server, "/nope"), open_timeout=5):
+            pass
+    assert refused.value.response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "frame, error",
+    [
+        (json.dumps({"type": "message", "text": ""}), "text is empty"),
+        (json.dumps({"type": "message", "text": "x" * 2001}), "longer than 2000"),
+        (json.dumps({"type": "message"}), "must be a string"),
+        (json.dumps({"type": "dance"}), "unknown type"),
+        (json.dumps({"text": "no type"}), "unknown type"),
+        (json.dumps({"type": "name", "name": "n" * 33}), "longer than 32"),
+        ("   ", "text is empty"),
+        (b"\x00binary", "binary"),
+        ("[" * 30000, "longer than 2000"),
+    ],
+)
+def test_bad_frame_gets_an_error_and_the_connection_stays(server, frame, error):
+    with joined(server) as (ws, _):
+        ws.send(frame)
+        assert error in receive(ws, "error")["error"]
+        ws.send("still here")
+        assert receive(ws, "message")["text"] == "still here"
+    assert get(server.port, "/messages")[1]["messages"][-1]["text"] == "still here"
+
+
+def test_bad_query_parameters_get_an_error_and_a_guest_name(server):
+    with joined(server, name="n" * 40, since="abc") as (ws, _):
+        errors = {receive(ws, "error")["error"] for _ in range(2)}
+        assert any("name" in e for e in errors) and any("since" in e for e in errors)
+        ws.send("hi")
+        assert receive(ws, "message")["name"].startswith("guest-")
+
+
+def test_frame_over_64_kib_closes_with_1009(server):
+    with joined(server) as (ws, _):
+        ws.send("x" * (64 * 1024 + 1))
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1009
+
+
+def test_more_than_20_at_once_gets_too_fast_errors_and_nothing_is_stored(server):
+    with joined(server) as (ws, _):
+        for n in range(25):
+            ws.send(f"m{n}")
+        frames = [receive_any(ws) for _ in range(25)]
+        messages = [f for f in frames if f["type"] == "message"]
+        errors = [f for f in frames if f["type"] == "error"]
+        assert len(messages) == 20 and len(errors) == 5
+        assert "too fast" in errors[0]["error"]
+    assert len(get(server.port, "/messages")[1]["messages"]) == 20
+
+
+def receive_any(ws):
+    """The next message or error frame."""
+    while True:
+        frame = json.loads(ws.recv(timeout=5))
+        if frame["type"] in ("message", "error"):
+            return frame
+
+
+@pytest.mark.parametrize(
+    "origin, allowed",
+    [
+        (None, True),
+        ("http://127.0.0.1:{port}", True),
+        ("http://evil.example:{port}", False),
+        ("http://127.0.0.1:1", False),
+        ("https://127.0.0.1:{port}", False),
+        ("null", False),
+    ],
+)
+def test_origin_must_be_the_chat_page(server, origin, allowed):
+    headers = {"Origin": origin.format(port=server.port)} if origin else {}
+    if allowed:
+        with connect(ws_url(server), open_timeout=5, origin=headers.get("Origin")) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "history"
+    else:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            with connect(ws_url(server), open_timeout=5, origin=headers["Origin"]):
+                pass
+        assert refused.value.response.status_code == 403
+
+
+def test_localhost_page_may_connect_to_localhost(server):
+    url = f"ws://localhost:{server.ws_port}/"
+    with connect(url, open_timeout=5, origin=f"http://localhost:{server.port}") as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "history"
+
+
+# --- One order for everyone ------------------------------------------------------------
+
+WS_SENDERS, WS_EACH = 5, 20  # 20 each: within the burst, so the rate limit stays out of it
+HTTP_SENDERS, HTTP_EACH = 4, 25
+LISTENERS = 3
+
+
+def test_concurrent_websocket_and_http_senders_give_everyone_the_same_order(server):
+    total = WS_SENDERS * WS_EACH + HTTP_SENDERS * HTTP_EACH
+
+    async def collect(ws):
+        ids, texts = [], []
+        while len(ids) < total:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] == "message":
+                ids.append(frame["id"])
+                texts.append(frame["text"])
+        return ids, texts
+
+    async def websocket_sender(ws, n):
+        for i in range(WS_EACH):
+            await ws.send(json.dumps({"type": "message", "text": f"ws{n}-{i}"}))
+
+    def http_sender(n):
+        for i in range(HTTP_EACH):
+            assert post(server.port, "/messages", {"name": f"http{n}", "text": f"http{n}-{i}"})[0] == 201
+
+    async def run():
+        clients = [await async_connect(ws_url(server, name=f"c{n}")) for n in range(WS_SENDERS + LISTENERS)]
+        for ws in clients:  # everyone is in the room before the first message
+            assert json.loads(await ws.recv())["type"] == "history"
+        received = asyncio.gather(*(collect(ws) for ws in clients))
+        await asyncio.gather(
+            *(websocket_sender(ws, n) for n, ws in enumerate(clients[:WS_SENDERS])),
+            *(asyncio.to_thread(http_sender, n) for n in range(HTTP_SENDERS)),
+        )
+        results = await asyncio.wait_for(received, 30)
+        for ws in clients:
+            await ws.close()
+        return results
+
+    results = asyncio.run(run())
+    _, stored = get(server.port, f"/messages?limit={total}")
+    expected_ids = list(range(1, total + 1))
+    expected_texts = [m["text"] for m in stored["messages"]]
+    assert [m["id"] for m in stored["messages"]] == expected_ids
+    for ids, texts in results:
+        assert ids == expected_ids
+        assert texts == expected_texts
+    for n in range(WS_SENDERS):  # each sender's messages keep the order it sent them in
+        own = [t for t in expected_texts if t.startswith(f"ws{n}-")]
+        assert own == [f"ws{n}-{i}" for i in range(WS_EACH)]
+
+
+# --- Start-up and shutdown -------------------------------------------------------------
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_stop_closes_clients_with_1001_and_leaves_no_thread_or_socket():
+    threads_before, fds_before = set(threading.enumerate()), open_fds()
+    servers = chat.start_servers("127.0.0.1", 0, 0)
+    with joined(servers) as (ws, _):
+        post(servers.port, "/messages", {"text": "hi"})
+        servers.stop()
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1001
+    assert set(threading.enumerate()) <= threads_before
+    assert open_fds() <= fds_before
+
+
+class ChatProcess:
+    """`python chat.py ARGS` in a subprocess, with its printed ports read back."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen(
+            [sys.executable, str(CHAT_PY), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.process.stdout:
+            self.lines.put(line)
+
+    def urls(self):
+        page, websocket = self.lines.get(timeout=15), self.lines.get(timeout=5)
+        self.port = int(page.rsplit(":", 1)[1].strip("/\n"))
+        self.ws_port = int(websocket.rsplit(":", 1)[1].strip("/\n"))
+        return page, websocket
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(5)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def chat_process():
+    started = []
+
+    def start(*args):
+        started.append(ChatProcess(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def test_prints_the_page_and_websocket_urls_with_real_ports(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0")
+    page, websocket = process.urls()
+    assert page.startswith("Chat page:  http://127.0.0.1:") and page.endswith("/\n")
+    assert websocket.startswith("Websocket:  ws://127.0.0.1:")
+    assert process.port > 0 and process.ws_port > 0
+    assert request(process.port, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_both_servers_clients_get_1001_exit_0(chat_process, stop_signal):
+    process = chat_process("--port", "0", "--ws-port", "0")
+    process.urls()
+    with connect(f"ws://127.0.0.1:{process.ws_port}/", open_timeout=5) as ws:
+        receive(ws, "history")
+        process.process.send_signal(stop_signal)
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1001
+    assert process.process.wait(5) == 0
+    assert "Traceback" not in process.process.stderr.read()
+
+
+@pytest.mark.parametrize("which", ["--port", "--ws-port"])
+def test_port_in_use_is_one_line_and_exit_2(chat_process, which):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        other = "--ws-port" if which == "--port" else "--port"
+        process = chat_process(which, str(taken.getsockname()[1]), other, "0")
+        assert process.process.wait(15) == 2
+        error = process.process.stderr.read()
+    assert error.count("\n") == 1 and "in use" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("args", [["--port", "http"], ["--port", "70000"], ["--history", "0"], ["--bogus"]])
+def test_bad_flag_is_one_line_and_exit_2(chat_process, args):
+    process = chat_process(*args)
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and error.startswith("chat.py: error:")
