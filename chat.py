@@ -14,10 +14,13 @@ routes, start-up and shutdown, main(). The contract is in the README.
 
 import argparse
 import asyncio
+import base64
 import collections
 import datetime
+import hashlib
 import http
 import json
+import re
 import secrets
 import signal
 import sys
@@ -133,7 +136,7 @@ class Room:
 
     def join(self, connection, name, since):
         """Send the history, then count the connection in: no message can fall in between."""
-        history = {"type": "history", "room": self.id, "messages": self.messages_since(since)}
+        history = {"type": "history", "room": self.id, "name": name, "messages": self.messages_since(since)}
         broadcast([connection], json.dumps(history, ensure_ascii=False))
         self.clients[connection] = name
         self.send_presence(joined=name)
@@ -215,6 +218,8 @@ async def chat(connection):
     except BadInput as error:
         since = None
         errors.append(str(error))
+    if query.get("room", [room.id])[0] != room.id:
+        since = None  # ids began again in this room: the client's `since` means nothing here
 
     room.join(connection, name, since)
     try:
@@ -319,8 +324,27 @@ def limit_type(value):
 
 
 @hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
-def page():
-    return PAGE.read_bytes()
+def page(request, response):
+    """Read on every request, so that an edit to chat.html shows on reload."""
+    html = PAGE.read_text(encoding="utf-8")
+    response.set_header("Content-Security-Policy", page_policy(html, request.host))
+    return html
+
+
+def page_policy(html, host):
+    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
+    return (
+        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
+        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
+        f"connect-src 'self' ws://{host}:{room.ws_port}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def inline_hashes(html, tag):
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
+    return " ".join(f"'sha256-{digest}'" for digest in digests)
 
 
 @hug.get("/config", api=api)

@@ -106,6 +106,16 @@ def test_page_is_served_as_utf8_html(server, path):
     assert b'id="chat-box"' in body
 
 
+def test_page_policy_allows_only_its_own_script_style_and_websocket(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("GET", "/")
+    policy = connection.getresponse().getheader("Content-Security-Policy")
+    connection.close()
+    assert "default-src 'none'" in policy
+    assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+    assert f"connect-src 'self' ws://127.0.0.1:{server.ws_port};" in policy
+
+
 def test_config_tells_the_page_the_websocket_port(server):
     status, config = get(server.port, "/config")
     assert status == 200
@@ -313,6 +323,21 @@ def test_echo_sends_each_frame_back(server):
         assert ws.recv(timeout=5) == "ping"
         ws.send(b"\x00\x01")
         assert ws.recv(timeout=5) == b"\x00\x01"
+
+
+def test_history_frame_tells_the_client_its_name_and_room(server):
+    with joined(server) as (_, history):
+        assert history["name"].startswith("guest-")
+        assert history["room"] == get(server.port, "/config")[1]["room"]
+
+
+def test_since_from_another_room_is_ignored_and_gives_the_last_50(server):
+    for n in range(1, 4):
+        post(server.port, "/messages", {"text": f"m{n}"})
+    with joined(server, since=2, room="a-room-before-a-restart") as (_, history):
+        assert [m["id"] for m in history["messages"]] == [1, 2, 3]
+    with joined(server, since=2, room=get(server.port, "/config")[1]["room"]) as (_, history):
+        assert [m["id"] for m in history["messages"]] == [3]
 
 
 def test_chat_path_is_the_room_too(server):
@@ -574,3 +599,193 @@ def test_bad_flag_is_one_line_and_exit_2(chat_process, args):
     assert process.process.wait(15) == 2
     error = process.process.stderr.read()
     assert error.count("\n") == 1 and error.startswith("chat.py: error:")
+
+
+# --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
+# Last in the file: Playwright's sync API keeps its own event loop for the session.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "Playwright is not installed: python -m pip install -r requirements-test.txt"
+    else:
+        missing = None if os.path.exists(CHROMIUM) else f"no Chromium at {CHROMIUM}: apt-get install chromium"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests must run under CI: {missing}")
+        pytest.skip(missing)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """Opens the chat as a new person (own storage); fails the test on any dialog or CSP error."""
+    from playwright.sync_api import expect
+
+    contexts, problems = [], []
+
+    def open_as(port, name=None):
+        context = browser.new_context()
+        contexts.append(context)
+        if name:
+            context.add_init_script(f"localStorage.setItem('chat-name', {json.dumps(name)})")
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+        page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect(page.locator("#status")).to_have_text("online")
+        return page
+
+    yield open_as
+    for context in contexts:
+        context.close()
+    assert problems == []
+
+
+def say(page, text):
+    page.fill("#message-input", text)
+    page.press("#message-input", "Enter")
+
+
+def texts(page):
+    return page.locator("#chat-box .message p")
+
+
+def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(server, open_page):
+    from playwright.sync_api import expect
+
+    alice, bob = open_page(server.port, "alice"), open_page(server.port, "bob")
+    for text in ["one", "two", "three"]:
+        say(alice, text)
+    expect(texts(bob)).to_have_text(["one", "two", "three"])
+    say(bob, "four")
+    for page in (alice, bob):
+        expect(texts(page)).to_have_text(["one", "two", "three", "four"])
+        expect(page.locator("#chat-box .message strong")).to_have_text(["alice"] * 3 + ["bob"])
+    expect(alice.locator("#chat-box .message.own p")).to_have_text(["one", "two", "three"])
+    expect(bob.locator("#chat-box .message.own p")).to_have_text(["four"])
+
+
+def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "mallory")
+    attacks = ['<img src=x onerror="window.pwned=1">', "<script>window.pwned=1</script>", "<b>bold</b>"]
+    for attack in attacks:
+        say(page, attack)
+    post(server.port, "/messages", {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"})
+    expect(texts(page)).to_have_text(attacks + ["<svg onload=alert(1)>"])
+    assert page.locator("#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
+    from playwright.sync_api import expect
+
+    for text in ["earlier 1", "earlier 2"]:
+        post(server.port, "/messages", {"name": "carol", "text": text})
+    alice = open_page(server.port, "alice")
+    expect(texts(alice)).to_have_text(["earlier 1", "earlier 2"])
+    open_page(server.port, "bob")
+    expect(alice.locator("#online li")).to_have_text(["alice", "bob"])
+    expect(alice.locator("#chat-box .notice").last).to_have_text("bob joined")
+
+
+def test_browser_does_not_send_an_empty_message(server, open_page):
+    page = open_page(server.port)
+    say(page, "   ")
+    say(page, "real")
+    from playwright.sync_api import expect
+
+    expect(texts(page)).to_have_text(["real"])
+    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["real"]
+
+
+def test_browser_shows_server_errors_next_to_the_input(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    page.evaluate("""() => {
+        const form = document.getElementById("chat-form");
+        for (let n = 0; n < 30; n++) {
+            document.getElementById("message-input").value = "burst " + n;
+            form.requestSubmit();
+        }
+    }""")
+    expect(page.locator("#chat-error")).to_contain_text("too fast")
+    expect(page.locator("#message-input")).to_have_value("burst 29")  # refused text is put back
+
+
+def test_browser_reconnects_after_a_drop_and_shows_what_it_missed_once(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    page.evaluate("""() => {
+        window.statuses = [];
+        new MutationObserver(() => statuses.push(document.getElementById("status").textContent))
+            .observe(document.getElementById("status"), {childList: true, characterData: true, subtree: true});
+    }""")
+    for text in ["before 1", "before 2"]:
+        post(server.port, "/messages", {"name": "bob", "text": text})
+    expect(texts(page)).to_have_text(["before 1", "before 2"])
+
+    def drop_everyone_then_post():
+        for connection in list(chat.room.clients):
+            connection.transport.abort()
+        for text in ["missed 1", "missed 2"]:
+            chat.room.add_message("bob", text)
+
+    chat.ask_room(drop_everyone_then_post)
+    expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2"])
+    post(server.port, "/messages", {"name": "bob", "text": "after"})
+    expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2", "after"])
+    assert "reconnecting…" in page.evaluate("statuses")
+    expect(page.locator("#status")).to_have_text("online")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_browser_recovers_when_the_server_restarts_on_the_same_ports(chat_process, open_page):
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports)
+    first.urls()
+    page = open_page(first.port, "alice")
+    for text in ["old 1", "old 2", "old 3"]:
+        post(first.port, "/messages", {"text": text})
+    expect(texts(page)).to_have_text(["old 1", "old 2", "old 3"])
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+
+    second = chat_process(*ports)
+    second.urls()
+    post(second.port, "/messages", {"text": "new 1"})  # id 1 again: only the room id tells them apart
+    expect(texts(page)).to_have_text(["old 1", "old 2", "old 3", "new 1"])
+    expect(page.locator("#chat-box .notice", has_text="restarted")).to_have_count(1)
+    post(second.port, "/messages", {"text": "new 2"})
+    expect(texts(page)).to_have_text(["old 1", "old 2", "old 3", "new 1", "new 2"])
+
+
+def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
+    sys.path.insert(0, str(Path(__file__).with_name("docs")))
+    from screenshot import make_screenshot
+
+    make_screenshot(browser, tmp_path / "shot.png")
+    assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
