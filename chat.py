@@ -36,6 +36,7 @@ import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import broadcast, serve
+from websockets.exceptions import ConnectionClosedError
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -52,6 +53,13 @@ HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
 
 class BadInput(ValueError):
     """A client sent something the contract does not allow; the message says the rule."""
+
+
+class TooFast(BadInput):
+    """More than BURST messages at once, or more than PER_SECOND a second for long."""
+
+    def __init__(self):
+        super().__init__("too many messages too fast: wait a second")
 
 
 # --- The room --------------------------------------------------------------------------
@@ -99,6 +107,22 @@ def utc_now():
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class TokenBucket:
+    """BURST messages at once, then PER_SECOND a second: a person never notices, a script does."""
+
+    def __init__(self):
+        self.tokens, self.last = BURST, time.monotonic()
+
+    def take(self):
+        now = time.monotonic()
+        self.tokens = min(BURST, self.tokens + (now - self.last) * PER_SECOND)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class Room:
     """Everything the chat remembers.
 
@@ -115,6 +139,7 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
+        self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
 
     def guest_name(self):
         self.guests += 1
@@ -159,6 +184,13 @@ class Room:
                 connection.transport.abort()  # frees the buffer; its handler then leaves the room
         broadcast(self.clients, json.dumps(frame, ensure_ascii=False))
 
+    def check_http_rate(self, address):
+        """The same limit for HTTP posts as for a websocket, per client address."""
+        if len(self.http_buckets) > 10_000:  # bounded: forgetting gives everyone a fresh burst
+            self.http_buckets.clear()
+        if not self.http_buckets.setdefault(address, TokenBucket()).take():
+            raise TooFast()
+
     def health(self):
         return {"status": "ok", "clients": len(self.clients), "messages": len(self.messages), "last_id": self.last_id}
 
@@ -167,23 +199,6 @@ room = None  # the one Room of this process, made by start_servers()
 
 
 # --- The websocket handlers ------------------------------------------------------------
-
-
-class TokenBucket:
-    """Allows `burst` frames at once, then `rate` a second: a human never notices, a script does."""
-
-    def __init__(self, burst=BURST, rate=PER_SECOND):
-        self.burst, self.rate = burst, rate
-        self.tokens, self.last = burst, time.monotonic()
-
-    def take(self):
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 def parse_since(value):
@@ -229,7 +244,7 @@ async def chat(connection):
         async for frame in connection:
             try:
                 if not bucket.take():
-                    raise BadInput("too many messages too fast: wait a second")
+                    raise TooFast()
                 handle_frame(connection, frame)
             except BadInput as error:
                 await send_error(connection, str(error))
@@ -261,10 +276,13 @@ async def send_error(connection, error):
 
 async def route(connection):
     """The websocket server's one handler: the path picks the room or the echo."""
-    if urllib.parse.urlsplit(connection.request.path).path == "/echo":
-        await echo(connection)
-    else:
-        await chat(connection)
+    try:
+        if urllib.parse.urlsplit(connection.request.path).path == "/echo":
+            await echo(connection)
+        else:
+            await chat(connection)
+    except ConnectionClosedError:
+        pass  # gone without a closing handshake (a lost network, a killed tab): not our error
 
 
 def check_request(http_port):
@@ -359,21 +377,31 @@ def get_messages(since: since_type = 0, limit: limit_type = 100):
 
 
 @hug.post("/messages", api=api, status=hug.HTTP_201)
-def post_message(text: clean_text, name: clean_name = None):
+def post_message(request, response, text: clean_text, name: clean_name = None):
     """Store and broadcast a message; answers 201 and the stored message."""
-    return ask_room(add_http_message, name, text)
+    return add_http_message(request, response, name, text)
 
 
 @hug.post("/send_message", api=api, status=hug.HTTP_201)
-def send_message(response, text: clean_text = None, message: clean_text = None, name: clean_name = None):
+def send_message(request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None):
     """The seed tutorial's name for POST /messages, which called the text `message`."""
     if text is None and message is None:
         response.status = hug.HTTP_400
         return {"errors": {"text": "Required parameter 'text' not supplied"}}
-    return ask_room(add_http_message, name, text or message)
+    return add_http_message(request, response, name, text or message)
 
 
-def add_http_message(name, text):
+def add_http_message(request, response, name, text):
+    try:
+        return ask_room(post_in_room, request.remote_addr, name, text)
+    except TooFast as error:
+        response.status = hug.HTTP_429
+        response.set_header("Retry-After", "1")
+        return {"errors": {"text": str(error)}}
+
+
+def post_in_room(address, name, text):
+    room.check_http_rate(address)
     return room.add_message(name or room.guest_name(), text)
 
 

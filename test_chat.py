@@ -5,6 +5,7 @@ signals and exit codes are tested on `python chat.py` run as a subprocess.
 """
 
 import asyncio
+import base64
 import contextlib
 import http.client
 import json
@@ -16,11 +17,14 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 import hug
 import pytest
 import websockets
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect as async_connect
 from websockets.sync.client import connect
 
@@ -49,13 +53,17 @@ def small_server():
     servers.stop()
 
 
-def request(port, method, path, body=None, content_type="application/json", headers=()):
-    """One HTTP request; returns (status, content type, body bytes)."""
+def request(port, method, path, body=None, content_type="application/json", headers=(), source="127.0.0.1"):
+    """One HTTP request from address `source`; returns (status, content type, body bytes).
+
+    Posts are rate-limited per client address: tests that post a lot use several
+    loopback addresses (127.0.0.0/8 is all this machine), as many people would.
+    """
     if isinstance(body, (dict, list)):
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     try:
         connection.request(method, path, body=body, headers={"Content-Type": content_type, **dict(headers)})
         response = connection.getresponse()
@@ -69,9 +77,14 @@ def get(port, path):
     return status, json.loads(body)
 
 
-def post(port, path, body, content_type="application/json"):
-    status, _, data = request(port, "POST", path, body, content_type)
+def post(port, path, body, content_type="application/json", source="127.0.0.1"):
+    status, _, data = request(port, "POST", path, body, content_type, source=source)
     return status, json.loads(data)
+
+
+def seed(count, name="seed"):
+    """Put `count` messages m1, m2, ... in the room directly, past any rate limit."""
+    chat.ask_room(lambda: [chat.room.add_message(name, f"m{n}") for n in range(1, count + 1)])
 
 
 def ws_url(servers, path="/", **query):
@@ -90,8 +103,12 @@ def receive(ws, kind, timeout=5):
 
 @contextlib.contextmanager
 def joined(servers, **query):
-    """A sync websocket client in the room, and the history frame it got first."""
-    with connect(ws_url(servers, **query), open_timeout=5) as ws:
+    """A sync websocket client in the room, and the history frame it got first.
+
+    max_queue=None: it reads everything the server sends at once, so a test that leaves
+    frames unread does not look like a slow reader to the server.
+    """
+    with connect(ws_url(servers, **query), open_timeout=5, max_queue=None) as ws:
         yield ws, receive(ws, "history")
 
 
@@ -247,13 +264,14 @@ def test_body_over_64_kib_is_refused_with_413(server):
 
 
 def test_random_bytes_at_every_route_never_give_a_500(server):
-    rng = random.Random(2026)
+    rng = random.Random(2026)  # the same bytes every run; hypothesis explores further below
     paths = ["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]
     content_types = ["application/json", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
                      "text/plain", "application/json; charset=latin-1"]
     for _ in range(400):
         body = rng.randbytes(rng.randrange(0, 300))
-        status, _, _ = request(server.port, rng.choice(["GET", "POST"]), rng.choice(paths), body, rng.choice(content_types))
+        method, path, content_type = rng.choice(["GET", "POST"]), rng.choice(paths), rng.choice(content_types)
+        status, _, _ = request(server.port, method, path, body, content_type, source=f"127.0.1.{rng.randrange(1, 255)}")
         assert status < 500
     assert get(server.port, "/health")[0] == 200
 
@@ -262,15 +280,13 @@ def test_random_bytes_at_every_route_never_give_a_500(server):
 
 
 def test_history_comes_first_with_the_last_50(server):
-    for n in range(1, 61):
-        post(server.port, "/messages", {"text": f"m{n}"})
+    seed(60)
     with joined(server) as (ws, history):
         assert [m["id"] for m in history["messages"]] == list(range(11, 61))
 
 
 def test_since_resumes_with_every_kept_message_after_it(server):
-    for n in range(1, 61):
-        post(server.port, "/messages", {"text": f"m{n}"})
+    seed(60)
     with joined(server, since=5) as (ws, history):
         assert [m["id"] for m in history["messages"]] == list(range(6, 61))
 
@@ -443,8 +459,8 @@ def test_localhost_page_may_connect_to_localhost(server):
 
 # --- One order for everyone ------------------------------------------------------------
 
-WS_SENDERS, WS_EACH = 5, 20  # 20 each: within the burst, so the rate limit stays out of it
-HTTP_SENDERS, HTTP_EACH = 4, 25
+WS_SENDERS, WS_EACH = 5, 20  # 20 each, all at once: within the burst, so no rate limit applies
+HTTP_SENDERS, HTTP_EACH = 5, 20  # each from its own address: the HTTP limit is per address
 LISTENERS = 3
 
 
@@ -466,10 +482,11 @@ def test_concurrent_websocket_and_http_senders_give_everyone_the_same_order(serv
 
     def http_sender(n):
         for i in range(HTTP_EACH):
-            assert post(server.port, "/messages", {"name": f"http{n}", "text": f"http{n}-{i}"})[0] == 201
+            message = {"name": f"http{n}", "text": f"http{n}-{i}"}
+            assert post(server.port, "/messages", message, source=f"127.0.0.{10 + n}")[0] == 201
 
     async def run():
-        clients = [await async_connect(ws_url(server, name=f"c{n}")) for n in range(WS_SENDERS + LISTENERS)]
+        clients = [await async_connect(ws_url(server, name=f"c{n}"), max_queue=None) for n in range(WS_SENDERS + LISTENERS)]
         for ws in clients:  # everyone is in the room before the first message
             assert json.loads(await ws.recv())["type"] == "history"
         received = asyncio.gather(*(collect(ws) for ws in clients))
@@ -599,6 +616,324 @@ def test_bad_flag_is_one_line_and_exit_2(chat_process, args):
     assert process.process.wait(15) == 2
     error = process.process.stderr.read()
     assert error.count("\n") == 1 and error.startswith("chat.py: error:")
+
+
+# --- Hardening: clients that misbehave on purpose -------------------------------------
+
+
+def test_http_posts_past_the_limit_get_429_and_other_addresses_carry_on(server):
+    statuses = [post(server.port, "/messages", {"text": f"flood {n}"}, source="127.0.0.5")[0] for n in range(25)]
+    assert statuses == [201] * 20 + [429] * 5
+    status, _, body = request(server.port, "POST", "/messages", {"text": "one more"}, source="127.0.0.5")
+    assert status == 429 and "too fast" in json.loads(body)["errors"]["text"]
+    assert post(server.port, "/messages", {"text": "someone else"}, source="127.0.0.6")[0] == 201
+    assert len(get(server.port, "/messages")[1]["messages"]) == 21
+
+
+def test_a_flooding_websocket_does_not_stop_anyone_else(server):
+    with joined(server, name="flood") as (flood, _), joined(server, name="calm") as (calm, _):
+        for n in range(60):
+            flood.send(f"flood {n}")
+        calm.send("calm one")
+        texts = []
+        while "calm one" not in texts:
+            texts.append(receive(calm, "message")["text"])
+        assert len(texts) <= 21  # at most the flood's burst came first
+    stored = [m["text"] for m in get(server.port, "/messages?limit=1000")[1]["messages"]]
+    assert "calm one" in stored and len(stored) <= 21 + 6  # the burst, plus what refilled meanwhile
+
+
+def test_origin_of_the_lan_address_is_allowed_with_host_0_0_0_0():
+    # 127.0.0.2 stands in for a LAN address: the page's own origin is whatever address was typed.
+    servers = chat.start_servers("0.0.0.0", 0, 0)
+    try:
+        url = f"ws://127.0.0.2:{servers.ws_port}/"
+        with connect(url, open_timeout=5, origin=f"http://127.0.0.2:{servers.port}") as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "history"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            with connect(url, open_timeout=5, origin=f"http://127.0.0.3:{servers.port}"):
+                pass
+        assert refused.value.response.status_code == 403
+    finally:
+        servers.stop()
+
+
+def silent_client(port):
+    """A raw websocket handshake on a socket with a tiny receive buffer that then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /?name=silent HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response:
+        response += sock.recv(1)  # byte by byte: leave every frame after the handshake unread
+    assert response.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(server):
+    total, batch, text = 4000, 100, "x" * 2000  # 8 MB: past the kernel's buffers and our 1 MiB
+    peak = [0]
+
+    def post_batch():
+        for _ in range(batch):
+            chat.room.add_message("bulk", text)
+            peak[0] = max(peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients))
+
+    with silent_client(server.ws_port), joined(server, name="reader") as (reader, _):
+        ids, left = [], []
+        for posted in range(batch, total + 1, batch):  # the reader reads each batch before the next
+            chat.ask_room(post_batch)
+            while len(ids) < posted:
+                frame = json.loads(reader.recv(timeout=10))
+                if frame["type"] == "message":
+                    ids.append(frame["id"])
+                elif frame["type"] == "presence" and "left" in frame:
+                    left.append(frame["left"])
+        assert ids == list(range(1, total + 1))
+        assert left == ["silent"]
+        assert get(server.port, "/health")[1]["clients"] == 1
+    assert peak[0] <= chat.MAX_QUEUED + 4096  # what the server held for the silent one stayed bounded
+
+
+def test_invalid_utf8_closes_that_connection_with_1007_and_only_that_one(server):
+    with joined(server, name="other") as (other, _):
+        sock = socket.create_connection(("127.0.0.1", server.ws_port), timeout=5)
+        with connect(ws_url(server), sock=sock, open_timeout=5) as bad:
+            receive(bad, "history")
+            sock.sendall(bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]))  # a masked text frame, bad UTF-8
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                while True:
+                    bad.recv(timeout=5)
+            assert closed.value.rcvd.code == 1007
+        other.send("still fine")
+        assert receive(other, "message")["text"] == "still fine"
+
+
+def test_a_fragmented_message_is_one_message(server):
+    with joined(server) as (ws, _):
+        ws.send(["frag", "men", "ted"])
+        assert receive(ws, "message")["text"] == "fragmented"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["tab\there\x00nul\x07bell", "\u202eright-to-left\u202c", "emoji 👩‍👩‍👧 🎉", "日本語のテキスト", "a\r\nb"],
+)
+def test_unusual_text_is_stored_and_echoed_intact(server, text):
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": text}))
+        assert receive(ws, "message")["text"] == text
+    assert get(server.port, "/messages")[1]["messages"][-1]["text"] == text
+
+
+def test_length_is_counted_in_characters_not_bytes(server):
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
+        assert len(receive(ws, "message")["text"]) == 2000
+        ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
+        assert receive(ws, "presence")["online"] == ["😀" * 32]
+
+
+@pytest.mark.parametrize("since, expected", [("-1", None), ("abc", None), ("9" * 50, []), ("1.5", None)])
+def test_websocket_since_that_is_not_a_count_gets_an_error_and_the_last_50(server, since, expected):
+    seed(3)
+    with joined(server, since=since) as (ws, history):
+        ids = [m["id"] for m in history["messages"]]
+        if expected is None:
+            assert ids == [1, 2, 3]
+            assert "since" in receive(ws, "error")["error"]
+        else:
+            assert ids == expected
+
+
+# Property-based fuzzing: arbitrary frames and bodies, and the invariants that must hold.
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+frames = st.one_of(
+    st.text(max_size=2500),
+    st.binary(max_size=100),
+    json_values.map(json.dumps),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "name", "bogus", ""])},
+        optional={"text": json_values | st.text(max_size=2100), "name": json_values | st.text(max_size=40)},
+    ).map(json.dumps),
+)
+
+
+def assert_room_is_sound(server):
+    messages = get(server.port, "/messages?limit=1000")[1]["messages"]
+    ids = [m["id"] for m in messages]
+    assert ids == sorted(set(ids))
+    for message in messages:
+        assert 1 <= len(message["text"]) <= 2000 and message["text"] == message["text"].strip()
+        assert 1 <= len(message["name"]) <= 32 and message["name"] == message["name"].strip()
+
+
+def test_fuzzed_frames_get_answers_and_keep_the_room_sound(server):
+    @settings(max_examples=120, deadline=None, database=None)
+    @given(st.lists(frames, min_size=1, max_size=6))
+    def check(batch):
+        with joined(server) as (ws, _):
+            for frame in batch:
+                ws.send(frame)
+            ws.send("end of batch")  # every frame before it has been answered when it comes back
+            while True:
+                frame = json.loads(ws.recv(timeout=5))
+                if frame["type"] == "message" and frame["text"] == "end of batch":
+                    break
+
+    check()
+    assert_room_is_sound(server)
+    assert get(server.port, "/health")[0] == 200
+
+
+def test_fuzzed_http_requests_never_get_a_500(server):
+    fields = st.dictionaries(st.sampled_from(["text", "name", "message", "since", "limit", "x"]), json_values)
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(
+        st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+        st.sampled_from(["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]),
+        st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain",
+                         "multipart/form-data; boundary=b", "application/json; charset=utf-16"]),
+        st.one_of(st.binary(max_size=200), fields.map(lambda f: json.dumps(f).encode())),
+        st.text(max_size=30).map(lambda q: urllib.parse.quote(q, safe="=&")),
+        st.integers(1, 254),
+    )
+    def check(method, path, content_type, body, query, address):
+        status, _, _ = request(server.port, method, f"{path}?{query}", body, content_type, source=f"127.0.2.{address}")
+        assert status < 500
+
+    check()
+    assert_room_is_sound(server)
+
+
+# A soak: clients that chat, drop and resume at random while HTTP posts run.
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
+SOAK_CLIENTS = 100
+
+
+def test_soak_clients_that_drop_and_resume_miss_nothing_and_leave_nothing_behind():
+    threads_before, fds_before = set(threading.enumerate()), open_fds()
+    servers = chat.start_servers("127.0.0.1", 0, 0, history=100_000)
+    rng = random.Random(7)
+    seen = {n: [] for n in range(SOAK_CLIENTS)}  # every message id each client was shown, in order
+    resumes = [0]
+
+    async def client(n, deadline):
+        while asyncio.get_running_loop().time() < deadline:
+            since = seen[n][-1] if seen[n] else 0
+            async with async_connect(ws_url(servers, name=f"soak{n}", since=since), max_queue=None) as ws:
+                resumes[0] += 1
+                stay = rng.uniform(0.2, 3)
+                chat_until = asyncio.get_running_loop().time() + stay
+                next_send = 0.0
+                while (now := asyncio.get_running_loop().time()) < min(chat_until, deadline):
+                    if now >= next_send:
+                        await ws.send(f"from soak{n}")
+                        next_send = now + rng.uniform(1, 6)
+                    try:
+                        frame = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
+                    except asyncio.TimeoutError:
+                        continue
+                    record(n, frame)
+                if rng.random() < 0.5:
+                    ws.transport.abort()  # half of the drops are abrupt, like a lost network
+            await asyncio.sleep(rng.uniform(0, 0.3))
+
+    def record(n, frame):
+        batch = frame["messages"] if frame["type"] == "history" else [frame] if frame["type"] == "message" else []
+        seen[n].extend(m["id"] for m in batch)
+
+    async def catch_up(n, last_id):
+        since = seen[n][-1] if seen[n] else 0
+        async with async_connect(ws_url(servers, since=since), max_queue=None) as ws:
+            while not seen[n] or seen[n][-1] < last_id:
+                record(n, json.loads(await asyncio.wait_for(ws.recv(), 10)))
+
+    def http_poster(stop):
+        n = 0
+        while not stop.wait(0.1):
+            n += 1
+            assert post(servers.port, "/messages", {"name": "http", "text": f"post {n}"}, source="127.0.3.1")[0] == 201
+
+    async def run():
+        deadline = asyncio.get_running_loop().time() + SOAK_SECONDS
+        await asyncio.gather(*(client(n, deadline) for n in range(SOAK_CLIENTS)))
+        stop.set()
+        await asyncio.to_thread(poster.join, 10)
+        last_id = get(servers.port, "/health")[1]["last_id"]  # nobody posts any more
+        await asyncio.gather(*(catch_up(n, last_id) for n in range(SOAK_CLIENTS)))
+        return last_id
+
+    stop = threading.Event()
+    poster = threading.Thread(target=http_poster, args=(stop,))
+    poster.start()
+    try:
+        last_id = asyncio.run(run())
+    finally:
+        stop.set()
+        poster.join(10)
+    try:
+        assert resumes[0] > SOAK_CLIENTS * 2 and last_id > SOAK_SECONDS * 10
+        for n in range(SOAK_CLIENTS):
+            assert seen[n] == list(range(1, last_id + 1)), f"client {n} missed or doubled a message"
+        for _ in range(100):
+            if get(servers.port, "/health")[1]["clients"] == 0:
+                break
+            threading.Event().wait(0.05)
+        assert get(servers.port, "/health")[1]["clients"] == 0
+    finally:
+        servers.stop()
+    assert set(threading.enumerate()) <= threads_before
+    assert open_fds() <= fds_before
+
+
+def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_process):
+    import time
+
+    process = chat_process("--port", "0", "--ws-port", "0")
+    process.urls()
+    codes = []
+
+    async def client(n, started):
+        async with async_connect(f"ws://127.0.0.1:{process.ws_port}/?name=load{n}", max_queue=None) as ws:
+            started.append(n)
+            try:
+                while True:
+                    await ws.send(f"load {n}")  # 8 a second: under the rate limit
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        while True:
+                            await asyncio.wait_for(ws.recv(), 0.125)
+            except websockets.exceptions.ConnectionClosed as closed:
+                codes.append(closed.rcvd.code if closed.rcvd else None)
+
+    async def run():
+        started = []
+        tasks = [asyncio.create_task(client(n, started)) for n in range(20)]
+        while len(started) < 20:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # messages are flowing
+        begun = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        exit_code = await asyncio.to_thread(process.process.wait, 10)
+        return exit_code, time.monotonic() - begun
+
+    exit_code, took = asyncio.run(run())
+    assert exit_code == 0 and took < 5
+    assert codes == [1001] * 20
 
 
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
