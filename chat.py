@@ -46,6 +46,8 @@ MAX_NAME = 32
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
 MAX_BODY = 64 * 1024  # bytes; a bigger HTTP body is refused by waitress (413)
 MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
+PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
+CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
 HISTORY_ON_CONNECT = 50
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
@@ -483,6 +485,9 @@ class Servers:
             ws_port,
             process_request=check_request(http_port),
             max_size=MAX_FRAME,
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
             compression=None,  # chat messages are small; see "Performance" in the README
         )
         room = Room(history, asyncio.get_running_loop(), server.sockets[0].getsockname()[1])

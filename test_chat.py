@@ -701,6 +701,21 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
     assert peak[0] <= chat.MAX_QUEUED + 4096  # what the server held for the silent one stayed bounded
 
 
+def test_a_client_that_never_answers_pings_is_dropped(monkeypatch):
+    monkeypatch.setattr(chat, "PING_INTERVAL", 0.2)  # 20 s in real life; the mechanism is the same
+    monkeypatch.setattr(chat, "PING_TIMEOUT", 0.3)
+    servers = chat.start_servers("127.0.0.1", 0, 0)
+    try:
+        with silent_client(servers.ws_port):
+            for _ in range(100):
+                if get(servers.port, "/health")[1]["clients"] == 0:
+                    break
+                threading.Event().wait(0.05)
+            assert get(servers.port, "/health")[1]["clients"] == 0
+    finally:
+        servers.stop()
+
+
 def test_invalid_utf8_closes_that_connection_with_1007_and_only_that_one(server):
     with joined(server, name="other") as (other, _):
         sock = socket.create_connection(("127.0.0.1", server.ws_port), timeout=5)
@@ -921,6 +936,7 @@ def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_pro
 
     async def run():
         started = []
+        silent = await asyncio.to_thread(silent_client, process.ws_port)  # will not answer the close
         tasks = [asyncio.create_task(client(n, started)) for n in range(20)]
         while len(started) < 20:
             await asyncio.sleep(0.05)
@@ -929,6 +945,7 @@ def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_pro
         process.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         exit_code = await asyncio.to_thread(process.process.wait, 10)
+        silent.close()
         return exit_code, time.monotonic() - begun
 
     exit_code, took = asyncio.run(run())
