@@ -49,6 +49,7 @@ MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then 
 PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
 CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
 HISTORY_ON_CONNECT = 50
+PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often (each lists everyone)
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
 
@@ -141,6 +142,8 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
+        self.presence_changes = []  # joins, leaves and renames not yet sent
+        self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
 
     def guest_name(self):
@@ -166,18 +169,34 @@ class Room:
         history = {"type": "history", "room": self.id, "name": name, "messages": self.messages_since(since)}
         broadcast([connection], json.dumps(history, ensure_ascii=False))
         self.clients[connection] = name
-        self.send_presence(joined=name)
+        self.presence_changed(joined=name)
 
     def leave(self, connection):
         name = self.clients.pop(connection)
-        self.send_presence(left=name)
+        self.presence_changed(left=name)
 
     def rename(self, connection, name):
         old, self.clients[connection] = self.clients[connection], name
-        self.send_presence(renamed={"from": old, "to": name})
+        self.presence_changed(renamed={"from": old, "to": name})
 
-    def send_presence(self, **change):
-        self.send_to_all({"type": "presence", "online": sorted(self.clients.values()), **change})
+    def presence_changed(self, **change):
+        """Send presence now, or with the next changes if a frame went out less than 0.25 s ago.
+
+        Each frame lists everyone and goes to everyone: a frame per join would cost the
+        square of the room's size each time, and filling a room of 1000 would take seconds.
+        """
+        self.presence_changes.append(change)
+        if len(self.presence_changes) == 1:
+            wait = self.presence_sent + PRESENCE_EVERY - self.loop.time()
+            self.loop.call_later(max(0, wait), self.send_presence)
+
+    def send_presence(self):
+        changes, self.presence_changes = self.presence_changes, []
+        self.presence_sent = self.loop.time()
+        frame = {"type": "presence", "online": sorted(self.clients.values()), "changes": changes}
+        if len(changes) == 1:
+            frame.update(changes[0])  # one change: {"joined": "bob"}, as the contract shows
+        self.send_to_all(frame)
 
     def send_to_all(self, frame):
         """Encode once, write to everyone without waiting; drop whoever stopped reading."""

@@ -314,16 +314,41 @@ def test_plain_text_frame_is_a_message(server):
         assert receive(ws, "message")["text"] == "[1, 2]"
 
 
+def presence_changes(ws, until):
+    """Presence frames until `until(changes so far)`; returns the changes and the last frame."""
+    changes = []
+    while not until(changes):
+        frame = receive(ws, "presence")
+        changes += frame["changes"]
+    return changes, frame
+
+
 def test_presence_on_join_rename_and_leave(server):
     with joined(server, name="alice") as (alice, _):
-        assert receive(alice, "presence") == {"type": "presence", "online": ["alice"], "joined": "alice"}
+        joined_alone = receive(alice, "presence")
+        assert joined_alone == {"type": "presence", "online": ["alice"], "joined": "alice", "changes": [{"joined": "alice"}]}
         with joined(server, name="bob") as (bob, _):
-            assert receive(alice, "presence")["online"] == ["alice", "bob"]
             bob.send(json.dumps({"type": "name", "name": "robert"}))
-            renamed = receive(alice, "presence")
-            assert renamed["online"] == ["alice", "robert"] and renamed["renamed"] == {"from": "bob", "to": "robert"}
+            changes, frame = presence_changes(alice, until=lambda changes: len(changes) == 2)
+            assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
+            assert frame["online"] == ["alice", "robert"]
         left = receive(alice, "presence")
         assert left["online"] == ["alice"] and left["left"] == "robert"
+
+
+def test_a_burst_of_joins_is_sent_as_few_presence_frames(server):
+    with joined(server, name="watcher") as (watcher, _):
+        receive(watcher, "presence")  # its own join: the next changes wait for the 0.25 s window
+        with contextlib.ExitStack() as stack:
+            for n in range(10):
+                stack.enter_context(joined(server, name=f"p{n}"))
+            frames = 0
+            changes = []
+            while len(changes) < 10:
+                changes += receive(watcher, "presence")["changes"]
+                frames += 1
+            assert changes == [{"joined": f"p{n}"} for n in range(10)]
+            assert frames < 10
 
 
 def test_messages_after_rename_carry_the_new_name(server):
@@ -693,8 +718,8 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
                 frame = json.loads(reader.recv(timeout=10))
                 if frame["type"] == "message":
                     ids.append(frame["id"])
-                elif frame["type"] == "presence" and "left" in frame:
-                    left.append(frame["left"])
+                elif frame["type"] == "presence":
+                    left += [change["left"] for change in frame["changes"] if "left" in change]
         assert ids == list(range(1, total + 1))
         assert left == ["silent"]
         assert get(server.port, "/health")[1]["clients"] == 1
@@ -752,7 +777,8 @@ def test_length_is_counted_in_characters_not_bytes(server):
         ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
         assert len(receive(ws, "message")["text"]) == 2000
         ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
-        assert receive(ws, "presence")["online"] == ["😀" * 32]
+        _, frame = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
+        assert frame["online"] == ["😀" * 32]
 
 
 @pytest.mark.parametrize("since, expected", [("-1", None), ("abc", None), ("9" * 50, []), ("1.5", None)])
