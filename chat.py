@@ -31,11 +31,17 @@ import urllib.parse
 import webbrowser
 from pathlib import Path
 
-import hug
+# hug 2.6.1 uses NumPy when it can import it, and then a name that NumPy 2 removed
+# (np.unicode_): `import hug` fails. The chat needs no NumPy: hide it while hug loads.
+sys.modules.setdefault("numpy", None)
+import hug  # noqa: E402
+
+if sys.modules["numpy"] is None:
+    del sys.modules["numpy"]  # and let any other code import it as usual
 import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
-from websockets.asyncio.server import broadcast, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosedError
 
 # --- Configuration -------------------------------------------------------------------
@@ -199,10 +205,8 @@ class Room:
         self.send_to_all(frame)
 
     def send_to_all(self, frame):
-        """Encode once, write to everyone without waiting; drop whoever stopped reading."""
-        for connection in self.clients:
-            if connection.transport.get_write_buffer_size() > MAX_QUEUED:
-                connection.transport.abort()  # frees the buffer; its handler then leaves the room
+        """Encode once, write to everyone without waiting (a client that stops reading is
+        dropped by ChatConnection, so nobody waits for it)."""
         broadcast(self.clients, json.dumps(frame, ensure_ascii=False))
 
     def check_http_rate(self, address):
@@ -216,7 +220,7 @@ class Room:
         return {"status": "ok", "clients": len(self.clients), "messages": len(self.messages), "last_id": self.last_id}
 
 
-room = None  # the one Room of this process, made by start_servers()
+room = None  # the one Room of this process, made when the servers start
 
 
 # --- The websocket handlers ------------------------------------------------------------
@@ -226,12 +230,23 @@ def parse_since(value):
     """`since` from a query string: None when absent, else a whole number of 0 or more."""
     if value is None:
         return None
-    if not value.isdigit():  # isdigit() is also true for "²"; int() refuses it below
+    if not value.isdecimal() or len(value) > 100:  # int() refuses over 4300 digits
         raise BadInput("since must be a whole number of 0 or more")
-    try:
-        return int(value)
-    except ValueError:
-        raise BadInput("since must be a whole number of 0 or more") from None
+    return int(value)
+
+
+class ChatConnection(ServerConnection):
+    """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
+
+    broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
+    calls pause_writing() when the write buffer passes its high-water mark (write_limit
+    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
+    can come back with since=.
+    """
+
+    def pause_writing(self):
+        super().pause_writing()
+        self.transport.abort()
 
 
 async def echo(connection):
@@ -357,9 +372,10 @@ def since_type(value):
 
 def limit_type(value):
     """How many messages at most: 1 to 1000."""
-    if not str(value).isdigit() or not 1 <= int(value) <= 1000:
+    text = str(value)
+    if not text.isdecimal() or len(text) > 4 or not 1 <= int(text) <= 1000:
         raise BadInput("limit must be a whole number from 1 to 1000")
-    return int(value)
+    return int(text)
 
 
 @hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
@@ -471,7 +487,7 @@ def bad_body(exception, response):
 class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
-    def __init__(self, host, port, ws_port, history):
+    def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000):
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
@@ -504,6 +520,8 @@ class Servers:
             ws_port,
             process_request=check_request(http_port),
             max_size=MAX_FRAME,
+            write_limit=MAX_QUEUED,
+            create_connection=ChatConnection,
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
@@ -530,10 +548,6 @@ class Servers:
         self.loop.close()
 
 
-def start_servers(host="127.0.0.1", port=8000, ws_port=8765, history=1000):
-    return Servers(host, port, ws_port, history)
-
-
 # --- main() ----------------------------------------------------------------------------
 
 
@@ -550,13 +564,13 @@ def parse_args(argv):
 
 
 def port_number(value):
-    if not value.isdigit() or int(value) > 65535:
+    if not value.isdecimal() or len(value) > 5 or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
     return int(value)
 
 
 def positive(value):
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or len(value) > 9 or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
     return int(value)
 
@@ -564,9 +578,10 @@ def positive(value):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        servers = start_servers(args.host, args.port, args.ws_port, args.history)
+        servers = Servers(args.host, args.port, args.ws_port, args.history)
     except OSError as error:
-        print(f"chat.py: error: cannot listen on {args.host}: {error.strerror or error}", file=sys.stderr)
+        where = f"{args.host}, port {args.port} or {args.ws_port}"
+        print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 2
 
     page_url = f"http://{args.host}:{servers.port}/"

@@ -23,7 +23,7 @@ CONVERSATION = [
 
 
 def make_screenshot(browser, output):
-    servers = chat.start_servers("127.0.0.1", 0, 0)
+    servers = chat.Servers("127.0.0.1", 0, 0)
     contexts = []
     try:
         pages = {}
