@@ -64,6 +64,10 @@ class BadInput(ValueError):
     """A client sent something the contract does not allow; the message says the rule."""
 
 
+class RoomUnavailable(Exception):
+    """The room cannot store messages right now (with --redis: Redis is away)."""
+
+
 class TooFast(BadInput):
     """More than BURST messages at once, or more than PER_SECOND a second for long."""
 
@@ -156,12 +160,23 @@ class Room:
         self.guests += 1
         return f"guest-{self.guests}"
 
-    def add_message(self, name, text):
-        self.last_id += 1
-        message = {"type": "message", "id": self.last_id, "name": name, "text": text, "ts": utc_now()}
+    async def post(self, name, text):
+        """Store a message and send it to everyone; returns the stored message.
+
+        It awaits nothing here. The Redis room (redis_room.py) stores it in Redis instead,
+        and every process delivers it when Redis publishes it.
+        """
+        return self.deliver({"type": "message", "id": self.last_id + 1, "name": name, "text": text, "ts": utc_now()})
+
+    def deliver(self, message):
+        """Keep a message and send it to everyone connected here, in id order."""
+        self.last_id = message["id"]
         self.messages.append(message)
         self.send_to_all(message)
         return message
+
+    async def recent(self, since, limit):
+        return self.messages_since(since, limit)
 
     def messages_since(self, since=None, limit=None):
         """Kept messages with an id greater than `since`, oldest first; the last 50 without it."""
@@ -216,8 +231,11 @@ class Room:
         if not self.http_buckets.setdefault(address, TokenBucket()).take():
             raise TooFast()
 
-    def health(self):
+    async def health(self):
         return {"status": "ok", "clients": len(self.clients), "messages": len(self.messages), "last_id": self.last_id}
+
+    async def close(self):
+        """Nothing to let go of here; the Redis room closes its connections."""
 
 
 room = None  # the one Room of this process, made when the servers start
@@ -281,14 +299,14 @@ async def chat(connection):
             try:
                 if not bucket.take():
                     raise TooFast()
-                handle_frame(connection, frame)
-            except BadInput as error:
+                await handle_frame(connection, frame)
+            except (BadInput, RoomUnavailable) as error:
                 await send_error(connection, str(error))
     finally:
         room.leave(connection)
 
 
-def handle_frame(connection, frame):
+async def handle_frame(connection, frame):
     """Act on one frame from a client; a frame that is not a JSON object is a message's text."""
     if isinstance(frame, bytes):
         raise BadInput("binary frames are not accepted: send text")
@@ -297,9 +315,9 @@ def handle_frame(connection, frame):
     except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
-        room.add_message(room.clients[connection], clean_text(frame))
+        await room.post(room.clients[connection], clean_text(frame))
     elif data.get("type") == "message":
-        room.add_message(room.clients[connection], clean_text(data.get("text")))
+        await room.post(room.clients[connection], clean_text(data.get("text")))
     elif data.get("type") == "name":
         room.rename(connection, clean_name(data.get("name")))
     else:
@@ -353,16 +371,13 @@ def is_chat_page(origin, host, http_port):
 api = hug.API(__name__)
 
 
-def ask_room(method, *args):
-    """Run a Room method on the event loop's thread and wait for its answer.
+def ask_room(coroutine):
+    """Run a coroutine on the event loop's thread and wait for its answer.
 
-    HTTP handlers run in waitress's threads; the room belongs to the loop.
+    HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
+    room.post(...) here only makes the coroutine: the loop runs it.
     """
-
-    async def call():
-        return method(*args)
-
-    return asyncio.run_coroutine_threadsafe(call(), room.loop).result(timeout=HTTP_WAIT)
+    return asyncio.run_coroutine_threadsafe(coroutine, room.loop).result(timeout=HTTP_WAIT)
 
 
 def since_type(value):
@@ -410,7 +425,7 @@ def config():
 
 @hug.get(["/messages", "/get_messages"], api=api)
 def get_messages(since: since_type = 0, limit: limit_type = 100):
-    return {"messages": ask_room(room.messages_since, since, limit)}
+    return {"messages": ask_room(room.recent(since, limit))}
 
 
 @hug.post("/messages", api=api, status=hug.HTTP_201)
@@ -430,21 +445,27 @@ def send_message(request, response, text: clean_text = None, message: clean_text
 
 def add_http_message(request, response, name, text):
     try:
-        return ask_room(post_in_room, request.remote_addr, name, text)
+        return ask_room(post_in_room(request.remote_addr, name, text))
     except TooFast as error:
         response.status = hug.HTTP_429
         response.set_header("Retry-After", "1")
         return {"errors": {"text": str(error)}}
+    except RoomUnavailable as error:
+        response.status = hug.HTTP_503
+        return {"errors": {"room": str(error)}}
 
 
-def post_in_room(address, name, text):
+async def post_in_room(address, name, text):
     room.check_http_rate(address)
-    return room.add_message(name or room.guest_name(), text)
+    return await room.post(name or room.guest_name(), text)
 
 
 @hug.get("/health", api=api)
-def health():
-    return ask_room(room.health)
+def health(response):
+    answer = ask_room(room.health())
+    if answer["status"] != "ok":
+        response.status = hug.HTTP_503
+    return answer
 
 
 def read_utf8(body):
@@ -487,14 +508,14 @@ def bad_body(exception, response):
 class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
-    def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000):
+    def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None):
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:
             self.http_server = self.bind_http(host, port)  # binds now, serves from run()
             self.port = int(self.http_server.effective_port)  # a string in waitress; real also for --port 0
-            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, self.port, history))
+            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, self.port, history, redis_url))
             self.ws_port = room.ws_port
             self.http_thread = threading.Thread(target=self.http_server.run, name="http")
             self.http_thread.start()
@@ -511,7 +532,7 @@ class Servers:
         self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
         return waitress.create_server(app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY)
 
-    async def start_websockets(self, host, ws_port, http_port, history):
+    async def start_websockets(self, host, ws_port, http_port, history, redis_url):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
         global room
         server = await serve(
@@ -527,7 +548,17 @@ class Servers:
             close_timeout=CLOSE_TIMEOUT,
             compression=None,  # chat messages are small; see "Performance" in the README
         )
-        room = Room(history, asyncio.get_running_loop(), server.sockets[0].getsockname()[1])
+        real_ws_port = server.sockets[0].getsockname()[1]
+        if redis_url:
+            sys.modules.setdefault("chat", sys.modules[__name__])  # run as a script, this is
+            try:  # `chat` for redis_room too, not a second copy. Imported only now:
+                import redis_room  # the default chat needs neither Redis nor its client.
+            except ModuleNotFoundError as missing:
+                raise RoomUnavailable(f"--redis needs {missing.name}: python -m pip install redis") from None
+
+            room = await redis_room.open_room(redis_url, history, asyncio.get_running_loop(), real_ws_port)
+        else:
+            room = Room(history, asyncio.get_running_loop(), real_ws_port)
         return server
 
     def stop(self):
@@ -543,6 +574,7 @@ class Servers:
         if hasattr(self, "ws_server"):
             self.ws_server.close()
             self.in_loop(self.ws_server.wait_closed())
+            self.in_loop(room.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(5)
         self.loop.close()
@@ -560,6 +592,7 @@ def parse_args(argv):
     parser.add_argument("--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one")
     parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
     parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
+    parser.add_argument("--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py")
     return parser.parse_args(argv)
 
 
@@ -578,7 +611,10 @@ def positive(value):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        servers = Servers(args.host, args.port, args.ws_port, args.history)
+        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis)
+    except RoomUnavailable as error:
+        print(f"chat.py: error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         where = f"{args.host}, port {args.port} or {args.ws_port}"
         print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +53,12 @@ def small_server():
     servers.stop()
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def request(port, method, path, body=None, content_type="application/json", headers=(), source="127.0.0.1"):
     """One HTTP request from address `source`; returns (status, content type, body bytes).
 
@@ -83,7 +90,12 @@ def post(port, path, body, content_type="application/json", source="127.0.0.1"):
 
 def seed(count, name="seed"):
     """Put `count` messages m1, m2, ... in the room directly, past any rate limit."""
-    chat.ask_room(lambda: [chat.room.add_message(name, f"m{n}") for n in range(1, count + 1)])
+
+    async def post_all():
+        for n in range(1, count + 1):
+            await chat.room.post(name, f"m{n}")
+
+    chat.ask_room(post_all())
 
 
 def ws_url(servers, path="/", **query):
@@ -706,15 +718,15 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
     total, batch, text = 4000, 100, "x" * 2000  # 8 MB: past the kernel's buffers and our 1 MiB
     peak = [0]
 
-    def post_batch():
+    async def post_batch():
         for _ in range(batch):
-            chat.room.add_message("bulk", text)
+            await chat.room.post("bulk", text)
             peak[0] = max(peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients))
 
     with silent_client(server.ws_port), joined(server, name="reader") as (reader, _):
         ids, left = [], []
         for posted in range(batch, total + 1, batch):  # the reader reads each batch before the next
-            chat.ask_room(post_batch)
+            chat.ask_room(post_batch())
             while len(ids) < posted:
                 frame = json.loads(reader.recv(timeout=10))
                 if frame["type"] == "message":
@@ -996,6 +1008,176 @@ def test_benchmark_quick_run_completes_and_loses_nothing(tmp_path):
     assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory"}
 
 
+# --- Scaling out: two chat.py processes, one room in Redis ------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server on a free port, keeping its data across restarts (append-only file)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the Redis tests must run under CI: apt-get install redis-server")
+        pytest.skip("no redis-server: apt-get install redis-server")
+    server = RedisServer(binary, free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class RedisServer:
+    def __init__(self, binary, port, directory):
+        self.binary, self.port, self.directory = binary, port, directory
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--appendonly", "yes", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return
+            threading.Event().wait(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.process.terminate()  # SIGTERM: Redis writes its data and exits
+        self.process.wait(10)
+
+
+def wait_for_health(port, status, timeout=10):
+    for _ in range(int(timeout / 0.1)):
+        if get(port, "/health")[1]["status"] == status:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"/health never said {status}")
+
+
+@pytest.fixture
+def two_processes(redis_server, chat_process):
+    processes = [chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url) for _ in range(2)]
+    for process in processes:
+        process.urls()
+    return processes
+
+
+def test_redis_senders_on_both_processes_give_every_client_the_same_order(two_processes):
+    a, b = two_processes
+    each, total = 15, 4 * 15
+
+    async def collect(ws):
+        ids, texts = [], []
+        while len(ids) < total:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if frame["type"] == "message":
+                ids.append(frame["id"])
+                texts.append(frame["text"])
+        return ids, texts
+
+    async def websocket_sender(ws, n):
+        for i in range(each):
+            await ws.send(f"ws{n}-{i}")
+
+    def http_sender(process, n):
+        for i in range(each):
+            assert post(process.port, "/messages", {"text": f"http{n}-{i}"}, source=f"127.0.4.{n + 1}")[0] == 201
+
+    async def run():
+        urls = [f"ws://127.0.0.1:{p.ws_port}/" for p in (a, a, b, b)]
+        clients = [await async_connect(url, max_queue=None) for url in urls]
+        for ws in clients:
+            assert json.loads(await ws.recv())["type"] == "history"
+        received = asyncio.gather(*(collect(ws) for ws in clients))
+        await asyncio.gather(
+            websocket_sender(clients[0], 0), websocket_sender(clients[2], 1),
+            asyncio.to_thread(http_sender, a, 0), asyncio.to_thread(http_sender, b, 1),
+        )
+        results = await asyncio.wait_for(received, 30)
+        for ws in clients:
+            await ws.close()
+        return results
+
+    results = asyncio.run(run())
+    stored_a = get(a.port, "/messages")[1]["messages"]
+    assert stored_a == get(b.port, "/messages")[1]["messages"]
+    assert [m["id"] for m in stored_a] == list(range(1, total + 1))
+    for ids, texts in results:
+        assert ids == list(range(1, total + 1))
+        assert texts == [m["text"] for m in stored_a]
+
+
+def test_redis_a_client_can_resume_on_the_other_process_and_miss_nothing(two_processes):
+    a, b = two_processes
+    with connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as ws:
+        room_id = receive(ws, "history")["room"]
+        for n in range(3):
+            post(a.port, "/messages", {"text": f"before {n}"})
+        last_seen = [receive(ws, "message")["id"] for _ in range(3)][-1]
+    for n in range(3):
+        post(b.port, "/messages", {"text": f"while away {n}"})
+    url = f"ws://127.0.0.1:{b.ws_port}/?since={last_seen}&room={room_id}"
+    with connect(url, open_timeout=5, max_queue=None) as ws:
+        history = receive(ws, "history")
+        assert history["room"] == room_id
+        assert [m["text"] for m in history["messages"]] == [f"while away {n}" for n in range(3)]
+
+
+def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(redis_server, two_processes):
+    a, b = two_processes
+    post(a.port, "/messages", {"text": "before"})
+    with connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as on_a, \
+            connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as on_b:
+        receive(on_a, "history"), receive(on_b, "history")
+        redis_server.stop()
+        on_a.send("while redis is away")
+        assert "cannot store" in receive(on_a, "error")["error"]
+        status, body = post(b.port, "/messages", {"text": "also while away"})
+        assert status == 503 and "room" in body["errors"]
+        wait_for_health(a.port, "degraded")
+        assert request(a.port, "GET", "/health")[0] == 503
+
+        redis_server.start()
+        wait_for_health(a.port, "ok")
+        wait_for_health(b.port, "ok")
+        assert post(b.port, "/messages", {"text": "back"})[0] == 201
+        for ws in (on_a, on_b):
+            message = receive(ws, "message")
+            assert (message["id"], message["text"]) == (2, "back")
+    assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["before", "back"]
+
+
+def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(redis_server, two_processes):
+    a, b = two_processes
+    for n in range(3):
+        post(a.port, "/messages", {"text": f"before {n}"})
+    with connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as on_b:
+        assert len(receive(on_b, "history")["messages"]) == 3
+        redis_server.stop()
+        shutil.rmtree(redis_server.directory)  # a Redis that keeps nothing, or a new one
+        redis_server.directory.mkdir()
+        redis_server.start()
+        wait_for_health(a.port, "ok")  # the first command after a restart finds its connection cut
+        status, message = post(a.port, "/messages", {"text": "after"})
+        assert status == 201 and message["id"] == 4
+        assert (receive(on_b, "message")["id"]) == 4
+    assert [m["id"] for m in get(b.port, "/messages")[1]["messages"]] == [1, 2, 3, 4]
+
+
+def test_redis_unreachable_at_start_is_one_line_and_exit_2(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", "--redis", f"redis://127.0.0.1:{free_port()}/0")
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and "cannot reach Redis" in error
+
+
+def test_the_default_chat_does_not_import_redis():
+    code = "import sys, chat; s = chat.Servers(port=0, ws_port=0); s.stop(); print('redis' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=CHAT_PY.parent)
+    assert result.stdout.strip() == "False", result.stderr
+
+
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
 # Last in the file: Playwright's sync API keeps its own event loop for the session.
 
@@ -1136,24 +1318,18 @@ def test_browser_reconnects_after_a_drop_and_shows_what_it_missed_once(server, o
         post(server.port, "/messages", {"name": "bob", "text": text})
     expect(texts(page)).to_have_text(["before 1", "before 2"])
 
-    def drop_everyone_then_post():
+    async def drop_everyone_then_post():
         for connection in list(chat.room.clients):
             connection.transport.abort()
         for text in ["missed 1", "missed 2"]:
-            chat.room.add_message("bob", text)
+            await chat.room.post("bob", text)
 
-    chat.ask_room(drop_everyone_then_post)
+    chat.ask_room(drop_everyone_then_post())
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2"])
     post(server.port, "/messages", {"name": "bob", "text": "after"})
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2", "after"])
     assert "reconnecting…" in page.evaluate("statuses")
     expect(page.locator("#status")).to_have_text("online")
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_browser_recovers_when_the_server_restarts_on_the_same_ports(chat_process, open_page):
