@@ -4,6 +4,9 @@
     python bench_chat.py --quick    a small run (under a minute)
     python bench_chat.py --json results.json --plot docs/latency.png
 
+With redis-server and the redis package installed, one latency run puts the chat on two
+processes sharing a room in Redis (--redis), against the baseline on one.
+
 Every scenario runs twice in the same run: against chat.py, and against a baseline, the
 smallest broadcast server on `websockets` itself (a set of connections, `broadcast()`, one
 `json.dumps` per message) speaking the same protocol. Shared machines are noisy: the
@@ -17,8 +20,12 @@ one sender measures the limit, not the server.
 import argparse
 import asyncio
 import base64
+import contextlib
+import importlib.util
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -91,18 +98,19 @@ asyncio.run(main())
 CHAT = (
     "import sys, chat\n"
     "chat.BURST = chat.PER_SECOND = 10**9  # lift the rate limit: see the module docstring\n"
-    "sys.exit(chat.main(['--port', '0', '--ws-port', '0', '--history', '100000']))\n"
+    "sys.exit(chat.main(sys.argv[1:]))\n"
 )
 
 
 class Server:
     """chat.py or the baseline in a subprocess, with its ports and its memory and CPU."""
 
-    def __init__(self, kind):
-        code = CHAT if kind == "chat" else BASELINE
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
+    def __init__(self, kind, redis_url=None):
+        command = [sys.executable, "-c", BASELINE]
+        if kind == "chat":
+            command = [sys.executable, "-c", CHAT, "--port", "0", "--ws-port", "0", "--history", "100000"]
+            command += ["--redis", redis_url] if redis_url else []
+        self.process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
         self.ws_port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
 
@@ -274,10 +282,18 @@ async def fan_out_throughput(ws_port, receivers, seconds, window=50):
     return result
 
 
-async def fan_out_latency(ws_port, receivers, seconds, rate=20):
-    """A steady `rate` messages a second; send-to-receive time of every delivery."""
+async def fan_out_latency(ws_ports, receivers, seconds, rate=20):
+    """A steady `rate` messages a second; send-to-receive time of every delivery.
+
+    With several ports (chat.py processes sharing a room in Redis), the receivers are
+    spread over them and the sender is on the first.
+    """
     sent_at, latencies = {}, []
-    clients = await open_clients(ws_port, receivers, on_message=lambda i, now: latencies.append(now - sent_at[i]))
+    clients = []
+    for ws_port in ws_ports:
+        clients += await open_clients(
+            ws_port, receivers // len(ws_ports), on_message=lambda i, now: latencies.append(now - sent_at[i])
+        )
     sender = clients[0]
     total = int(seconds * rate)
     with CpuMeter() as meter:
@@ -354,7 +370,7 @@ def generate(scenario, args):
     if scenario == "throughput":
         run = fan_out_throughput(args["ws_port"], args["receivers"], args["seconds"])
     elif scenario == "latency":
-        run = fan_out_latency(args["ws_port"], args["receivers"], args["seconds"])
+        run = fan_out_latency(args["ws_ports"], args["receivers"], args["seconds"])
     elif scenario == "http":
         run = http_to_websocket(args["port"], args["ws_port"], args["receivers"], args["seconds"])
     else:
@@ -374,16 +390,25 @@ def scenarios(quick):
         ("latency", f"latency at 20 msg/s, {n} receivers", {"receivers": n, "seconds": seconds * 2})
         for n in ((100, 500) if quick else (100, 300, 1000))
     ] + [
+        ("latency", f"latency at 20 msg/s, {n} receivers on 2 chat.py + Redis", {"receivers": n, "seconds": seconds * 2,
+                                                                             "processes": 2})
+        for n in ((100,) if quick else (1000,)) if shutil.which("redis-server") and importlib.util.find_spec("redis")
+    ] + [
         ("http", "POST /messages to delivery, 100 receivers", {"receivers": 100, "seconds": seconds}),
         ("memory", "memory per idle connection", {"connections": 500 if quick else 2000}),
     ]
 
 
 def measure(kind, scenario, args):
-    server = Server(kind)
+    """One scenario against fresh servers: one, or for the chat with "processes": 2, two
+    chat.py processes sharing a room in a fresh redis-server."""
+    redis_server = start_redis() if kind == "chat" and args.get("processes") == 2 else None
+    redis_url = redis_server and f"redis://127.0.0.1:{redis_server.args[2]}/0"
+    servers = [Server(kind, redis_url) for _ in range(2 if redis_server else 1)]
     try:
-        args = {**args, "port": server.port, "ws_port": server.ws_port, "pid": server.process.pid}
-        cpu_before = server.cpu_seconds()
+        args = {**args, "port": servers[0].port, "ws_port": servers[0].ws_port, "pid": servers[0].process.pid,
+                "ws_ports": [server.ws_port for server in servers]}
+        cpu_before = sum(server.cpu_seconds() for server in servers)
         generator = subprocess.run(
             [sys.executable, __file__, "--generate", scenario, json.dumps(args)],
             capture_output=True, text=True, timeout=300,
@@ -391,12 +416,31 @@ def measure(kind, scenario, args):
         if generator.returncode:
             raise RuntimeError(f"load generator failed:\n{generator.stderr}")
         result = json.loads(generator.stdout)
-        result["server_cpu_s"] = server.cpu_seconds() - cpu_before
+        result["server_cpu_s"] = sum(server.cpu_seconds() for server in servers) - cpu_before
         if scenario == "throughput":  # the server's own cost, whoever saturated first
             result["deliveries_per_cpu_s"] = result["deliveries"] / result["server_cpu_s"]
         return result
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
+        if redis_server:
+            redis_server.terminate()
+            redis_server.wait(10)
+
+
+def start_redis():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    redis_server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return redis_server
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
 
 
 HEADLINE = {
@@ -489,7 +533,7 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    latency = [r for r in rows if r["scenario"] == "latency"]
+    latency = [r for r in rows if r["scenario"] == "latency" and "processes" not in r["args"]]
     receivers = [r["args"]["receivers"] for r in latency]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for kind, style, colour in (("chat", "o-", "tab:blue"), ("baseline", "s--", "tab:gray")):

@@ -79,39 +79,32 @@ class TooFast(BadInput):
 
 
 def clean_text(value):
-    """The text of a message, trimmed; hug uses it as a type, so HTTP and websocket agree."""
-    if not isinstance(value, str):
-        raise BadInput("text must be a string")
-    text = value.strip()
-    if not text:
-        raise BadInput("text is empty")
-    if len(text) > MAX_TEXT:
-        raise BadInput(f"text is longer than {MAX_TEXT} characters")
-    check_encodable(text, "text")
-    return text
+    """The text of a message; hug uses it as a type too, so HTTP and websocket agree."""
+    return trimmed(value, "text", MAX_TEXT)
 
 
 def clean_name(value):
-    """A display name: trimmed, 1 to 32 characters, no control characters."""
-    if not isinstance(value, str):
-        raise BadInput("name must be a string")
-    name = value.strip()
-    if not name:
-        raise BadInput("name is empty")
-    if len(name) > MAX_NAME:
-        raise BadInput(f"name is longer than {MAX_NAME} characters")
+    """A display name, with no control characters (a newline in the online list helps nobody)."""
+    name = trimmed(value, "name", MAX_NAME)
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise BadInput("name has control characters")
-    check_encodable(name, "name")
     return name
 
 
-def check_encodable(value, field):
-    """JSON can carry a lone surrogate ("\\ud800") that UTF-8 cannot; refuse it here, not later."""
+def trimmed(value, field, limit):
+    """A string of 1 to `limit` characters once white space is trimmed from its ends."""
+    if not isinstance(value, str):
+        raise BadInput(f"{field} must be a string")
+    value = value.strip()
+    if not value:
+        raise BadInput(f"{field} is empty")
+    if len(value) > limit:
+        raise BadInput(f"{field} is longer than {limit} characters")
     try:
-        value.encode("utf-8")
+        value.encode("utf-8")  # JSON can carry a lone surrogate ("\ud800"); UTF-8 cannot
     except UnicodeEncodeError:
         raise BadInput(f"{field} is not valid Unicode") from None
+    return value
 
 
 def utc_now():
@@ -505,6 +498,22 @@ def bad_body(exception, response):
 # --- Start-up and shutdown -------------------------------------------------------------
 
 
+async def open_room(redis_url, history, loop, ws_port):
+    """The room in this process, or with --redis the room in Redis (redis_room.py).
+
+    redis_room is imported only when asked for: the default chat needs neither Redis nor
+    its client.
+    """
+    if not redis_url:
+        return Room(history, loop, ws_port)
+    sys.modules.setdefault("chat", sys.modules[__name__])  # run as a script, this module is
+    try:  # `chat` for redis_room's `import chat` too, rather than a second copy of it
+        import redis_room
+    except ModuleNotFoundError as missing:
+        raise RoomUnavailable(f"--redis needs {missing.name}: python -m pip install redis") from None
+    return await redis_room.open_room(redis_url, history, loop, ws_port)
+
+
 class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
@@ -548,17 +557,12 @@ class Servers:
             close_timeout=CLOSE_TIMEOUT,
             compression=None,  # chat messages are small; see "Performance" in the README
         )
-        real_ws_port = server.sockets[0].getsockname()[1]
-        if redis_url:
-            sys.modules.setdefault("chat", sys.modules[__name__])  # run as a script, this is
-            try:  # `chat` for redis_room too, not a second copy. Imported only now:
-                import redis_room  # the default chat needs neither Redis nor its client.
-            except ModuleNotFoundError as missing:
-                raise RoomUnavailable(f"--redis needs {missing.name}: python -m pip install redis") from None
-
-            room = await redis_room.open_room(redis_url, history, asyncio.get_running_loop(), real_ws_port)
-        else:
-            room = Room(history, asyncio.get_running_loop(), real_ws_port)
+        loop, real_ws_port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
+        try:
+            room = await open_room(redis_url, history, loop, real_ws_port)
+        except BaseException:
+            server.close()
+            raise
         return server
 
     def stop(self):
