@@ -88,6 +88,16 @@ def post(port, path, body, content_type="application/json", source="127.0.0.1"):
     return status, json.loads(data)
 
 
+def wait_for_health(port, timeout=10, **expected):
+    """Polls /health until it shows `expected` (say clients=0), or fails after `timeout`."""
+    for _ in range(int(timeout / 0.05)):
+        health = get(port, "/health")[1]
+        if all(health[key] == value for key, value in expected.items()):
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"/health never showed {expected}: {health}")
+
+
 def seed(count, name="seed"):
     """Put `count` messages m1, m2, ... in the room directly, past any rate limit."""
 
@@ -749,11 +759,7 @@ def test_a_client_that_never_answers_pings_is_dropped(monkeypatch):
     servers = chat.Servers("127.0.0.1", 0, 0)
     try:
         with silent_client(servers.ws_port):
-            for _ in range(100):
-                if get(servers.port, "/health")[1]["clients"] == 0:
-                    break
-                threading.Event().wait(0.05)
-            assert get(servers.port, "/health")[1]["clients"] == 0
+            wait_for_health(servers.port, timeout=5, clients=0)
     finally:
         servers.stop()
 
@@ -949,11 +955,7 @@ def test_soak_clients_that_drop_and_resume_miss_nothing_and_leave_nothing_behind
         assert resumes[0] > SOAK_CLIENTS * 2 and last_id > SOAK_SECONDS * 10
         for n in range(SOAK_CLIENTS):
             assert seen[n] == list(range(1, last_id + 1)), f"client {n} missed or doubled a message"
-        for _ in range(100):
-            if get(servers.port, "/health")[1]["clients"] == 0:
-                break
-            threading.Event().wait(0.05)
-        assert get(servers.port, "/health")[1]["clients"] == 0
+        wait_for_health(servers.port, timeout=5, clients=0)
     finally:
         servers.stop()
     assert set(threading.enumerate()) <= threads_before
@@ -1051,14 +1053,6 @@ class RedisServer:
         self.process.wait(10)
 
 
-def wait_for_health(port, status, timeout=10):
-    for _ in range(int(timeout / 0.1)):
-        if get(port, "/health")[1]["status"] == status:
-            return
-        threading.Event().wait(0.1)
-    raise AssertionError(f"/health never said {status}")
-
-
 @pytest.fixture
 def two_processes(redis_server, chat_process):
     processes = [chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url) for _ in range(2)]
@@ -1130,12 +1124,12 @@ def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(redis_s
         assert "cannot store" in receive(on_a, "error")["error"]
         status, body = post(b.port, "/messages", {"text": "also while away"})
         assert status == 503 and "room" in body["errors"]
-        wait_for_health(a.port, "degraded")
+        wait_for_health(a.port, status="degraded")
         assert request(a.port, "GET", "/health")[0] == 503
 
         redis_server.start()
-        wait_for_health(a.port, "ok")
-        wait_for_health(b.port, "ok")
+        wait_for_health(a.port, status="ok")
+        wait_for_health(b.port, status="ok")
         assert post(b.port, "/messages", {"text": "back"})[0] == 201
         for ws in (on_a, on_b):
             message = receive(ws, "message")
@@ -1153,7 +1147,7 @@ def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(redis
         shutil.rmtree(redis_server.directory)  # a Redis that keeps nothing, or a new one
         redis_server.directory.mkdir()
         redis_server.start()
-        wait_for_health(a.port, "ok")  # the first command after a restart finds its connection cut
+        wait_for_health(a.port, status="ok")  # the first command after a restart finds its connection cut
         status, message = post(a.port, "/messages", {"text": "after"})
         assert status == 201 and message["id"] == 4
         assert (receive(on_b, "message")["id"]) == 4
