@@ -107,6 +107,17 @@ def trimmed(value, field, limit):
     return value
 
 
+def whole_number(text, low, high):
+    """`text` as a whole number from `low` to `high`, else None.
+
+    isdecimal() refuses "-1", "1.5" and "²" (isdigit() would pass "²" on to int()), and the
+    length bound keeps int() away from its limit of 4300 digits.
+    """
+    if text.isdecimal() and len(text) <= len(str(high)) and low <= int(text) <= high:
+        return int(text)
+    return None
+
+
 def utc_now():
     """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -241,9 +252,10 @@ def parse_since(value):
     """`since` from a query string: None when absent, else a whole number of 0 or more."""
     if value is None:
         return None
-    if not value.isdecimal() or len(value) > 100:  # int() refuses over 4300 digits
+    since = whole_number(value, 0, 10**100 - 1)  # any id a client could hold, and then some
+    if since is None:
         raise BadInput("since must be a whole number of 0 or more")
-    return int(value)
+    return since
 
 
 class ChatConnection(ServerConnection):
@@ -380,10 +392,10 @@ def since_type(value):
 
 def limit_type(value):
     """How many messages at most: 1 to 1000."""
-    text = str(value)
-    if not text.isdecimal() or len(text) > 4 or not 1 <= int(text) <= 1000:
+    limit = whole_number(str(value), 1, 1000)
+    if limit is None:
         raise BadInput("limit must be a whole number from 1 to 1000")
-    return int(text)
+    return limit
 
 
 @hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
@@ -601,15 +613,17 @@ def parse_args(argv):
 
 
 def port_number(value):
-    if not value.isdecimal() or len(value) > 5 or int(value) > 65535:
+    port = whole_number(value, 0, 65535)
+    if port is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
-    return int(value)
+    return port
 
 
 def positive(value):
-    if not value.isdecimal() or len(value) > 9 or int(value) < 1:
+    count = whole_number(value, 1, 999_999_999)
+    if count is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
-    return int(value)
+    return count
 
 
 def main(argv=None):
