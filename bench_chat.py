@@ -114,10 +114,6 @@ class Server:
         self.port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
         self.ws_port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
 
-    def rss(self):
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(status.split("VmRSS:")[1].split()[0]) * 1024
-
     def cpu_seconds(self):
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -354,15 +350,20 @@ async def http_to_websocket(port, ws_port, receivers, seconds, connections=8):
 
 async def idle_memory(server_pid, ws_port, count):
     """Server RSS per idle connection; clients offer compression, as browsers do."""
-    rss = lambda: int(Path(f"/proc/{server_pid}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024  # noqa
     warm = await open_clients(ws_port, 10, deflate=True)  # the first connections load code
     await asyncio.sleep(0.5)
-    before = rss()
+    before = rss(server_pid)
     clients = await open_clients(ws_port, count, deflate=True)
     await asyncio.sleep(1)
-    result = {"connections": count, "bytes_per_connection": (rss() - before) / count}
+    result = {"connections": count, "bytes_per_connection": (rss(server_pid) - before) / count}
     close_all(clients + warm)
     return result
+
+
+def rss(pid):
+    """Resident memory of a process, in bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
 
 
 def generate(scenario, args):
