@@ -16,13 +16,16 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import datetime
 import hashlib
 import http
+import ipaddress
 import json
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,6 +61,8 @@ HISTORY_ON_CONNECT = 50
 PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often (each lists everyone)
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
+ROOM_PATHS = ("/", "/chat", "/ws")  # the room's websocket paths; /ws is the one behind a proxy
+PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
 
 
 class BadInput(ValueError):
@@ -344,36 +349,122 @@ async def route(connection):
         pass  # gone without a closing handshake (a lost network, a killed tab): not our error
 
 
-def check_request(http_port):
-    """Refuse unknown paths (404) and pages from other sites (403) before the handshake.
+def check_request(connection, request):
+    """Refuse unknown paths (404), and handshakes the policy below refuses (403)."""
+    if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
+    host, origin = request.headers.get("Host"), request.headers.get("Origin")
+    refusal = policy.host_refusal(host) or policy.origin_refusal(origin, host)
+    if refusal:
+        return connection.respond(http.HTTPStatus.FORBIDDEN, refusal + "\n")
+    return None
 
-    websockets' own `origins=` takes a fixed list, but the page's address is whatever the
-    reader typed (127.0.0.1, localhost, a LAN address): so compare with the Host header.
+
+# --- Who may talk to the chat ------------------------------------------------------------
+
+
+class Policy:
+    """Who may talk to the chat: one policy for every HTTP request and websocket handshake.
+
+    A server on 127.0.0.1 is not private to its user: every web page that user's browser
+    opens can send requests to it. Two attacks follow, and two checks stop them.
+
+    Cross-site writes: a page on any site can submit a form, or a `no-cors` fetch, to
+    http://127.0.0.1:8000/messages. The browser sends it (it only hides the answer), and the
+    chat would store it. But the browser names the page that sent it in `Origin`: a write
+    (or a websocket handshake) whose Origin is not the chat page's own origin is refused.
+    Scripts and curl send no Origin, and are served.
+
+    DNS rebinding: a page on rebind.example points its own name at 127.0.0.1 once loaded.
+    The browser then takes the chat for rebind.example itself: the same origin, free to read
+    and to write. Yet it still sends `Host: rebind.example`. So only names that a stranger
+    cannot point elsewhere are served: IP addresses, localhost and *.localhost (browsers
+    resolve those themselves), this machine's own name; and the names its operator vouched
+    for, with --allow-host and --public-url. Any other Host is refused, naming the fix.
     """
 
-    def process_request(connection, request):
-        if urllib.parse.urlsplit(request.path).path not in ("/", "/chat", "/echo"):
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
-        origin = request.headers.get("Origin")
-        host = urllib.parse.urlsplit("//" + request.headers.get("Host", "")).hostname
-        if origin is not None and not is_chat_page(origin, host, http_port):
-            return connection.respond(http.HTTPStatus.FORBIDDEN, "Origin not allowed\n")
-        return None
+    def __init__(self, http_port=8000, allowed_hosts=(), public_url=None):
+        self.http_port = http_port
+        self.public_url = public_url  # e.g. https://chat.example.org, the page's origin behind a proxy
+        self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
+        if public_url:
+            self.names.add(urllib.parse.urlsplit(public_url).hostname)
 
-    return process_request
+    def host_refusal(self, host):
+        """Why a request that names this Host header is refused; None when it is served."""
+        name = host_name(host)
+        if not host or name in self.names or name.endswith(".localhost") or is_ip_address(name):
+            return None
+        return f"this chat does not answer to the host name {name!r}: if it is yours, start it with --allow-host {name}"
+
+    def origin_refusal(self, origin, host):
+        """Why a write or a handshake from this Origin is refused; None when it is served."""
+        if origin is None or same_origin(origin, self.page_origin(host)):
+            return None
+        return f"a page from {origin[:100]} may not post to this chat: only the chat's own page may"
+
+    def page_origin(self, host):
+        """The chat page's own origin: the --public-url, or the host the browser asked for on the HTTP port."""
+        if self.public_url:
+            return self.public_url
+        return f"http://{url_host(host_name(host))}:{self.http_port}"
 
 
-def is_chat_page(origin, host, http_port):
+policy = Policy()  # the policy of this process; Servers makes it with the real port
+
+
+def host_name(host):
+    """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none."""
     try:
-        page = urllib.parse.urlsplit(origin)
-        return page.scheme == "http" and page.hostname == host and page.port == http_port
-    except ValueError:  # a port that is not a number
+        return (urllib.parse.urlsplit(f"//{host or ''}").hostname or "").rstrip(".") or None
+    except ValueError:  # "[" without "]"
+        return host
+
+
+def url_host(name):
+    """A host name as it goes in a URL: an IPv6 address in brackets."""
+    return f"[{name}]" if name and ":" in name else name
+
+
+def is_ip_address(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
         return False
+
+
+def same_origin(one, other):
+    """Two origins are the same scheme, host and port ("http://a" is "http://a:80")."""
+    return origin_parts(one) == origin_parts(other)
+
+
+def origin_parts(origin):
+    try:
+        url = urllib.parse.urlsplit(origin)
+        return url.scheme, url.hostname, url.port or {"http": 80, "https": 443}.get(url.scheme)
+    except ValueError:  # a port that is not a number
+        return None
 
 
 # --- The HTTP routes (hug) ------------------------------------------------------------
 
 api = hug.API(__name__)
+
+
+@hug.request_middleware(api=api)
+def check_http_request(request, response):
+    """The policy above, before any route: a foreign Host is refused, and so is a foreign write."""
+    host = request.get_header("Host")
+    errors = {"host": policy.host_refusal(host)}
+    if request.method not in ("GET", "HEAD"):  # a write
+        errors["origin"] = policy.origin_refusal(request.get_header("Origin"), host)
+    errors = {field: error for field, error in errors.items() if error}
+    if errors:
+        response.status = hug.HTTP_403
+        response.content_type = "application/json; charset=utf-8"
+        response.body = json.dumps({"errors": errors})
+        response.complete = True  # falcon answers now: no route runs
 
 
 def ask_room(coroutine):
@@ -411,9 +502,16 @@ def page_policy(html, host):
     return (
         f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
         f"style-src {inline_hashes(html, 'style')}; img-src data:; "
-        f"connect-src 'self' ws://{host}:{room.ws_port}; "
+        f"connect-src 'self' {websocket_address(host)}; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
+
+
+def websocket_address(host):
+    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port."""
+    if policy.public_url:
+        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
+    return f"ws://{url_host(host)}:{room.ws_port}"
 
 
 def inline_hashes(html, tag):
@@ -425,7 +523,13 @@ def inline_hashes(html, tag):
 @hug.get("/config", api=api)
 def config():
     """What the page needs to connect."""
-    return {"ws_port": room.ws_port, "room": room.id, "max_text": MAX_TEXT, "max_name": MAX_NAME}
+    return {
+        "ws_port": room.ws_port,
+        "ws_path": "/ws" if policy.public_url else None,  # behind a proxy: the page's own origin, at /ws
+        "room": room.id,
+        "max_text": MAX_TEXT,
+        "max_name": MAX_NAME,
+    }
 
 
 @hug.get(["/messages", "/get_messages"], api=api)
@@ -529,14 +633,18 @@ async def open_room(redis_url, history, loop, ws_port):
 class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
-    def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None):
+    def __init__(
+        self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None, allowed_hosts=(), public_url=None
+    ):
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:
-            self.http_server = self.bind_http(host, port)  # binds now, serves from run()
+            self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))  # serves from run()
             self.port = int(self.http_server.effective_port)  # a string in waitress; real also for --port 0
-            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, self.port, history, redis_url))
+            global policy
+            policy = Policy(self.port, allowed_hosts, public_url)
+            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, history, redis_url))
             self.ws_port = room.ws_port
             self.http_thread = threading.Thread(target=self.http_server.run, name="http")
             self.http_thread.start()
@@ -547,20 +655,23 @@ class Servers:
     def in_loop(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
 
-    def bind_http(self, host, port):
+    def bind_http(self, host, port, behind_proxy):
         app = api.http.server(default_not_found=False)
         app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
         self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
-        return waitress.create_server(app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY)
+        settings = {"map": self.socket_map, "max_request_body_size": MAX_BODY}
+        if behind_proxy:  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
+            settings.update(trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"})
+        return waitress.create_server(app, host=host, port=port, **settings)
 
-    async def start_websockets(self, host, ws_port, http_port, history, redis_url):
+    async def start_websockets(self, host, ws_port, history, redis_url):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
         global room
         server = await serve(
             route,
             host,
             ws_port,
-            process_request=check_request(http_port),
+            process_request=check_request,
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
             create_connection=ChatConnection,
@@ -609,7 +720,32 @@ def parse_args(argv):
     parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
     parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
     parser.add_argument("--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py")
+    parser.add_argument(
+        "--allow-host", metavar="NAME", type=host_name_argument, action="append", default=[],
+        help="a host name the chat answers to, besides IP addresses, localhost and this machine's name (repeatable)",
+    )
+    parser.add_argument(
+        "--public-url", metavar="URL", type=public_url,
+        help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
+    )
     return parser.parse_args(argv)
+
+
+def host_name_argument(value):
+    name = host_name(value)
+    if not name or name != value.lower().rstrip(".") or "/" in value:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a host name such as chat.lan (no scheme, no port)")
+    return name
+
+
+def public_url(value):
+    """http(s)://host[:port] and no path: the page's origin, where it finds /config and /ws."""
+    if origin_parts(value):  # None when it is no URL at all, or its port is not a number
+        url = urllib.parse.urlsplit(value)
+        if url.scheme in ("http", "https") and url.hostname and "@" not in url.netloc and url.path in ("", "/"):
+            if not url.query and not url.fragment:
+                return f"{url.scheme}://{url.netloc.lower()}"
+    raise argparse.ArgumentTypeError(f"{value!r} is not a URL such as https://chat.example.org (no path)")
 
 
 def port_number(value):
@@ -626,10 +762,32 @@ def positive(value):
     return count
 
 
+def reachable_addresses(host):
+    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
+
+    So print this machine's own addresses, loopback last (it works only here): the one its
+    default route leaves from (connecting a UDP socket sends nothing, it only picks the
+    route) and the ones its host name resolves to.
+    """
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    family, somewhere, loopback = (
+        (socket.AF_INET, "198.51.100.1", "127.0.0.1") if host == "0.0.0.0" else (socket.AF_INET6, "2001:db8::1", "::1")
+    )
+    found = []
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
+        found.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
+    lan = [address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback]
+    return [*dict.fromkeys(lan), loopback]
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis)
+        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis, args.allow_host, args.public_url)
     except RoomUnavailable as error:
         print(f"chat.py: error: {error}", file=sys.stderr)
         return 2
@@ -638,11 +796,14 @@ def main(argv=None):
         print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 2
 
-    page_url = f"http://{args.host}:{servers.port}/"
-    print(f"Chat page:  {page_url}", flush=True)
-    print(f"Websocket:  ws://{args.host}:{servers.ws_port}/", flush=True)
+    addresses = reachable_addresses(args.host)
+    for address in addresses:  # the first two lines are machine-readable: tests and tools read them
+        print(f"Chat page:  http://{url_host(address)}:{servers.port}/", flush=True)
+        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/", flush=True)
+    if args.public_url:
+        print(f"Public:     {args.public_url}/ (through the proxy)", flush=True)
     if args.open:
-        webbrowser.open(page_url)
+        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
