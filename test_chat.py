@@ -1350,3 +1350,213 @@ def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
 
     make_screenshot(browser, tmp_path / "shot.png")
     assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- Who may talk to the chat: the Host allow-list and no cross-site writes -------------
+# (Policy in chat.py.) A rebinding page sends the attacker's name in Host; a cross-site
+# page sends its own origin in Origin. Browser tests of both come after these.
+
+REBIND = "rebind.example"  # a name an attacker could point at 127.0.0.1
+ALL_ROUTES = [("GET", "/"), ("GET", "/chat"), ("GET", "/config"), ("GET", "/messages"), ("GET", "/get_messages"),
+              ("GET", "/health"), ("GET", "/nope"), ("POST", "/messages"), ("POST", "/send_message")]
+
+
+def stored_texts(port):
+    return [m["text"] for m in get(port, "/messages")[1]["messages"]]
+
+
+def handshake(ws_port, host, path="/", origin=None):
+    """A websocket handshake to this machine that names `host` in its Host header."""
+    sock = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
+    return connect(f"ws://{host}:{ws_port}{path}", sock=sock, open_timeout=5, origin=origin, max_queue=None)
+
+
+@pytest.mark.parametrize("method, path", ALL_ROUTES)
+def test_a_foreign_host_is_refused_on_every_route_with_the_fix_named(server, method, path):
+    host = {"Host": f"{REBIND}:{server.port}"}
+    status, content_type, body = request(server.port, method, path, {"text": "rebound"}, headers=host)
+    assert status == 403 and content_type.startswith("application/json")
+    assert f"--allow-host {REBIND}" in json.loads(body)["errors"]["host"]
+    assert stored_texts(server.port) == []
+
+
+@pytest.mark.parametrize("path", ["/", "/chat", "/ws", "/echo"])
+def test_a_foreign_host_is_refused_on_the_handshake_with_the_fix_named(server, path):
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with handshake(server.ws_port, REBIND, path):
+            pass
+    assert refused.value.response.status_code == 403
+    assert f"--allow-host {REBIND}".encode() in refused.value.response.body
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost", "chat.localhost:{port}", "[::1]:{port}",
+             "192.0.2.7", "[fe80::1]", socket.gethostname(), "localhost.:{port}"],
+)
+def test_names_that_cannot_be_rebound_are_served(server, host):
+    status, _, _ = request(server.port, "GET", "/messages", headers={"Host": host.format(port=server.port)})
+    assert status == 200
+    with handshake(server.ws_port, host.split(":{port}")[0]) as ws:
+        assert receive(ws, "history")["messages"] == []
+
+
+def test_a_request_without_host_is_served(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        body = b"text=from+HTTP/1.0"
+        sock.sendall(b"POST /messages HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 201")
+    assert stored_texts(server.port) == ["from HTTP/1.0"]
+
+
+def test_allow_host_admits_a_name_on_http_and_the_handshake(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", "--allow-host", "chat.lan", "--allow-host", "Other.LAN")
+    process.urls()
+    page_origin = f"http://chat.lan:{process.port}"
+    headers = {"Host": f"chat.lan:{process.port}", "Origin": page_origin}
+    assert request(process.port, "POST", "/messages", {"text": "via chat.lan"}, headers=headers)[0] == 201
+    assert request(process.port, "GET", "/config", headers={"Host": "other.lan"})[0] == 200
+    with handshake(process.ws_port, "chat.lan", origin=page_origin) as ws:
+        assert [m["text"] for m in receive(ws, "history")["messages"]] == ["via chat.lan"]
+    assert request(process.port, "GET", "/config", headers={"Host": "third.lan"})[0] == 403
+
+
+@pytest.mark.parametrize(
+    "origin", ["null", "http://localhost:{port}", "http://evil.example", "https://127.0.0.1:{port}", "http://127.0.0.1:1"]
+)
+@pytest.mark.parametrize("path", ["/messages", "/send_message"])
+def test_a_post_from_another_origin_is_refused_and_stores_nothing(server, origin, path):
+    headers = {"Origin": origin.format(port=server.port)}
+    status, _, body = request(server.port, "POST", path, "text=cross-site", "application/x-www-form-urlencoded",
+                              headers=headers)
+    assert status == 403
+    assert "only the chat's own page" in json.loads(body)["errors"]["origin"]
+    assert stored_texts(server.port) == []
+
+
+@pytest.mark.parametrize("origin", [None, "http://127.0.0.1:{port}"])
+def test_posts_without_origin_or_from_the_chat_page_are_stored(server, origin):
+    headers = {"Origin": origin.format(port=server.port)} if origin else {}
+    status, _, _ = request(server.port, "POST", "/messages", "name=curl&text=hello", "application/x-www-form-urlencoded",
+                           headers=headers)
+    assert status == 201
+    assert stored_texts(server.port) == ["hello"]
+
+
+def test_host_0_0_0_0_prints_addresses_people_can_open_never_0_0_0_0(chat_process):
+    process = chat_process("--host", "0.0.0.0", "--port", "0", "--ws-port", "0")
+    page, websocket = process.urls()  # the first two lines, as tools read them
+    lines = [page, websocket] + [process.lines.get(timeout=5) for _ in range(len(chat.reachable_addresses("0.0.0.0")) * 2 - 2)]
+    assert "0.0.0.0" not in "".join(lines)
+    assert lines[-2:] == [f"Chat page:  http://127.0.0.1:{process.port}/\n", f"Websocket:  ws://127.0.0.1:{process.ws_port}/\n"]
+    for page_line, ws_line in zip(lines[::2], lines[1::2]):
+        address = page_line.split("//")[1].split(":")[0]
+        assert page_line == f"Chat page:  http://{address}:{process.port}/\n"
+        assert ws_line == f"Websocket:  ws://{address}:{process.ws_port}/\n"
+        assert request(process.port, "GET", "/health", headers={"Host": f"{address}:{process.port}"})[0] == 200
+
+
+# The same in a real browser: another site's page, and the chat page opened at every address.
+
+
+@pytest.fixture
+def open_url(browser):
+    """Opens the chat page at `url` as a new person; fails the test on any dialog or CSP error."""
+    from playwright.sync_api import expect
+
+    contexts, problems = [], []
+
+    def open_at(url, **context_options):
+        context = browser.new_context(**context_options)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(10_000)
+        page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
+        page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("online")
+        return page
+
+    yield open_at
+    for context in contexts:
+        context.close()
+    assert problems == []
+
+
+@contextlib.contextmanager
+def other_site(html):
+    """Another web site: a tiny HTTP server answering every GET with `html`, on a free port."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=site.serve_forever)
+    thread.start()
+    try:
+        yield site.server_address[1]
+    finally:
+        site.shutdown()
+        site.server_close()
+        thread.join(5)
+
+
+CROSS_SITE_WRITES = {
+    "form post": """<form method="post" action="{chat}/messages"><input name="text" value="cross-site form"></form>
+                    <script>document.forms[0].submit()</script>""",
+    "no-cors fetch with a query string": """<script>
+                    fetch("{chat}/messages?name=evil&text=cross-site+query", {{method: "POST", mode: "no-cors"}})
+                    </script>""",
+    "no-cors fetch with a text/plain body": """<script>
+                    fetch("{chat}/messages", {{method: "POST", mode: "no-cors",
+                                              headers: {{"Content-Type": "text/plain"}}, body: "cross-site body"}})
+                    </script>""",
+}
+
+
+@pytest.mark.parametrize("attack", CROSS_SITE_WRITES)
+def test_browser_a_page_on_another_site_cannot_post_to_the_chat(server, browser, attack):
+    chat_url = f"http://127.0.0.1:{server.port}"
+    with other_site(CROSS_SITE_WRITES[attack].format(chat=chat_url)) as site_port:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            with page.expect_response(lambda response: response.url.startswith(f"{chat_url}/messages")) as answer:
+                page.goto(f"http://localhost:{site_port}/")  # localhost and 127.0.0.1: two sites
+            assert answer.value.status == 403
+        finally:
+            context.close()
+    assert stored_texts(server.port) == []
+
+
+def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_process, open_url):
+    from playwright.sync_api import expect
+
+    process = chat_process("--host", "0.0.0.0", "--port", "0", "--ws-port", "0")
+    first_page = process.urls()[0].split()[-1]  # a LAN address when this machine has one
+    hosts = ["127.0.0.1", "localhost"]
+    lan = urllib.parse.urlsplit(first_page).hostname
+    if lan != "127.0.0.1":
+        hosts.append(lan)
+    pages = [open_url(f"http://{host}:{process.port}/") for host in hosts]
+    for host, page in zip(hosts, pages):
+        say(page, f"from {host}")
+        expect(texts(page).last).to_have_text(f"from {host}")  # stored before the next one is sent
+    for page in pages:
+        expect(texts(page)).to_have_text([f"from {host}" for host in hosts])
+    if lan == "127.0.0.1":
+        pytest.skip("this machine has no address but loopback: the LAN part was not tried")
