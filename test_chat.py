@@ -1560,3 +1560,181 @@ def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_
         expect(texts(page)).to_have_text([f"from {host}" for host in hosts])
     if lan == "127.0.0.1":
         pytest.skip("this machine has no address but loopback: the LAN part was not tried")
+
+
+# --- Online: behind a proxy, several processes -------------------------------------------
+# --public-url: the page's origin is the proxy's, the websocket is at /ws on it, and the
+# proxy's X-Forwarded-For counts. Then the real thing: deploy/nginx.conf in front of two
+# chat.py --redis, and two pages in Chromium over https and wss.
+
+PUBLIC = "https://chat.example.org"
+
+
+@pytest.fixture
+def proxied_server():
+    """The chat as a proxy on this machine would reach it: --public-url https://chat.example.org."""
+    servers = chat.Servers("127.0.0.1", 0, 0, public_url=PUBLIC)
+    yield servers
+    servers.stop()
+
+
+def test_public_url_config_sends_the_page_to_ws_on_its_own_origin(proxied_server):
+    status, config = get(proxied_server.port, "/config")
+    assert status == 200 and config["ws_path"] == "/ws"
+
+
+def test_without_public_url_config_has_no_ws_path(server):
+    assert get(server.port, "/config")[1]["ws_path"] is None
+
+
+def test_public_url_page_policy_allows_the_wss_address(proxied_server):
+    headers = {"Host": "chat.example.org"}
+    status, _, _ = request(proxied_server.port, "GET", "/", headers=headers)
+    connection = http.client.HTTPConnection("127.0.0.1", proxied_server.port, timeout=10)
+    connection.request("GET", "/", headers=headers)
+    policy = connection.getresponse().getheader("Content-Security-Policy")
+    connection.close()
+    assert status == 200
+    assert "connect-src 'self' wss://chat.example.org/ws;" in policy
+
+
+def test_public_url_origin_is_the_page_origin_for_posts_and_the_handshake(proxied_server):
+    headers = {"Host": "chat.example.org", "Origin": PUBLIC}
+    assert request(proxied_server.port, "POST", "/messages", {"text": "via the proxy"}, headers=headers)[0] == 201
+    with handshake(proxied_server.ws_port, "chat.example.org", "/ws", origin=PUBLIC) as ws:
+        assert [m["text"] for m in receive(ws, "history")["messages"]] == ["via the proxy"]
+    direct = f"http://127.0.0.1:{proxied_server.port}"  # not the page's origin any more
+    assert request(proxied_server.port, "POST", "/messages", {"text": "x"}, headers={"Origin": direct})[0] == 403
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with handshake(proxied_server.ws_port, "127.0.0.1", "/ws", origin=direct):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+def flood(port, forwarded_for, source="127.0.0.1", count=25):
+    """`count` posts at once, each naming the next address of `forwarded_for` in X-Forwarded-For."""
+    statuses = []
+    for n in range(count):
+        headers = {"X-Forwarded-For": forwarded_for[n % len(forwarded_for)]}
+        statuses.append(request(port, "POST", "/messages", {"text": f"m{n}"}, headers=headers, source=source)[0])
+    return statuses
+
+
+def test_behind_the_proxy_each_forwarded_client_has_its_own_rate_limit(proxied_server):
+    assert 429 in flood(proxied_server.port, ["198.51.100.1"])  # one person past the limit
+    assert flood(proxied_server.port, ["198.51.100.2"], count=1) == [201]  # another, same proxy
+
+
+NEW_ADDRESS_EACH_TIME = [f"198.51.100.{n}" for n in range(1, 30)]  # a client that claims a new address per post
+
+
+def test_x_forwarded_for_from_anyone_but_the_proxy_is_ignored(proxied_server):
+    assert 429 in flood(proxied_server.port, NEW_ADDRESS_EACH_TIME, source="127.0.0.2")
+
+
+def test_x_forwarded_for_is_ignored_when_no_proxy_is_declared(server):
+    assert 429 in flood(server.port, NEW_ADDRESS_EACH_TIME)
+
+
+def needed_program(name, install):
+    """The path of a program the proxy test needs: skipped where missing, failed under CI."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the proxy test must run under CI: apt-get install {install}")
+        pytest.skip(f"no {name}: apt-get install {install}")
+    return found
+
+
+class Nginx:
+    """Debian's nginx, unprivileged, running deploy/nginx.conf with its ports, name and certificate replaced."""
+
+    def __init__(self, binary, directory, https_port, chat_ports):
+        self.binary, self.directory, self.https_port = binary, directory, https_port
+        self.url = f"https://localhost:{https_port}"
+        (http_a, ws_a), (http_b, ws_b) = chat_ports
+        site = CHAT_PY.with_name("deploy").joinpath("nginx.conf").read_text()
+        replacements = {
+            "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+            "listen 80;": f"listen 127.0.0.1:{free_port()};",
+            "chat.example.org": "localhost",
+            "/etc/letsencrypt/live/localhost/fullchain.pem": f"{directory}/cert.pem",
+            "/etc/letsencrypt/live/localhost/privkey.pem": f"{directory}/key.pem",
+            "127.0.0.1:8000;": f"127.0.0.1:{http_a};", "127.0.0.1:8001;": f"127.0.0.1:{http_b};",
+            "127.0.0.1:8765;": f"127.0.0.1:{ws_a};", "127.0.0.1:8766;": f"127.0.0.1:{ws_b};",
+        }
+        for old, new in replacements.items():
+            assert old in site, f"deploy/nginx.conf no longer has {old!r}: update this test"
+            site = site.replace(old, new)
+        (directory / "chat.conf").write_text(site)
+        temp_paths = "".join(f"    {kind}_temp_path {directory}/{kind};\n"
+                             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (directory / "nginx.conf").write_text(
+            f"error_log {directory}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n{temp_paths}"
+            f"    include {directory}/chat.conf;\n}}\n"
+        )
+
+    def start(self):
+        d = self.directory
+        self.process = subprocess.Popen(
+            [self.binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log"),
+             "-g", f"daemon off; pid {d}/nginx.pid;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(200):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
+                return
+            threading.Event().wait(0.05)
+        raise RuntimeError("nginx did not listen within 10 s")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def behind_nginx(tmp_path, redis_server, chat_process):
+    """deploy/nginx.conf on a free port with a self-signed certificate, in front of two chat.py --redis."""
+    nginx_binary = needed_program("nginx", "nginx")
+    openssl = needed_program("openssl", "openssl")
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True, timeout=30,
+    )
+    https_port, chat_ports = free_port(), [(free_port(), free_port()) for _ in range(2)]
+    nginx = Nginx(nginx_binary, tmp_path, https_port, chat_ports)
+    for port, ws_port in chat_ports:
+        process = chat_process("--port", str(port), "--ws-port", str(ws_port), "--redis", redis_server.url,
+                               "--public-url", nginx.url)
+        process.urls()
+    nginx.start()
+    yield nginx
+    nginx.stop()
+
+
+def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_misses_nothing(behind_nginx, open_url):
+    from playwright.sync_api import expect
+
+    sockets = []
+    alice, bob = (open_url(f"{behind_nginx.url}/", ignore_https_errors=True) for _ in range(2))
+    for page in (alice, bob):
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+    say(alice, "one")
+    expect(texts(bob)).to_have_text(["one"])
+    say(bob, "two")
+    say(alice, "three")
+    for page in (alice, bob):
+        expect(texts(page)).to_have_text(["one", "two", "three"])
+
+    bob.evaluate("location.reload()")  # mid-conversation: alice goes on while bob's page loads
+    say(alice, "four")
+    say(alice, "five")
+    expect(bob.locator("#status")).to_have_text("online")
+    say(bob, "six")
+    for page in (alice, bob):
+        expect(texts(page)).to_have_text(["one", "two", "three", "four", "five", "six"])
+    assert sockets and all(url.startswith(f"wss://localhost:{behind_nginx.https_port}/ws?") for url in sockets)
