@@ -1707,10 +1707,12 @@ def behind_nginx(tmp_path, redis_server, chat_process):
     )
     https_port, chat_ports = free_port(), [(free_port(), free_port()) for _ in range(2)]
     nginx = Nginx(nginx_binary, tmp_path, https_port, chat_ports)
+    nginx.chat_processes = []
     for port, ws_port in chat_ports:
         process = chat_process("--port", str(port), "--ws-port", str(ws_port), "--redis", redis_server.url,
                                "--public-url", nginx.url)
         process.urls()
+        nginx.chat_processes.append(process)
     nginx.start()
     yield nginx
     nginx.stop()
@@ -1738,3 +1740,37 @@ def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three", "four", "five", "six"])
     assert sockets and all(url.startswith(f"wss://localhost:{behind_nginx.https_port}/ws?") for url in sockets)
+
+
+def unverified_tls():
+    """The test's self-signed certificate is its own: accept it."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
+
+
+def test_behind_nginx_a_foreign_host_and_a_foreign_origin_are_still_refused(behind_nginx):
+    connection = http.client.HTTPSConnection("127.0.0.1", behind_nginx.https_port, timeout=10, context=unverified_tls())
+    connection.request("GET", "/messages", headers={"Host": REBIND})
+    response = connection.getresponse()
+    assert response.status == 403 and f"--allow-host {REBIND}" in json.loads(response.read())["errors"]["host"]
+    connection.close()
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with connect(f"wss://localhost:{behind_nginx.https_port}/ws", ssl=unverified_tls(), open_timeout=5,
+                     origin="https://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
+
+
+def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_process):
+    url = f"wss://localhost:{behind_nginx.https_port}/ws"
+    with connect(url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url, max_queue=None) as ws:
+        receive(ws, "history")
+        for process in behind_nginx.chat_processes:
+            process.process.send_signal(signal.SIGTERM)
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=5)
+        assert closed.value.rcvd.code == 1001
