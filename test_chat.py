@@ -1613,6 +1613,17 @@ def test_public_url_origin_is_the_page_origin_for_posts_and_the_handshake(proxie
     assert refused.value.response.status_code == 403
 
 
+@pytest.mark.parametrize(
+    "args", [["--public-url", "https://chat.example.org/chat/"], ["--public-url", "chat.example.org"],
+             ["--public-url", "https://x:port"], ["--allow-host", "chat.lan:8000"], ["--allow-host", "http://chat.lan"]],
+)
+def test_a_bad_public_url_or_allow_host_is_one_line_and_exit_2(chat_process, args):
+    process = chat_process(*args)
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and error.startswith(f"chat.py: error: argument {args[0]}")
+
+
 def flood(port, forwarded_for, source="127.0.0.1", count=25):
     """`count` posts at once, each naming the next address of `forwarded_for` in X-Forwarded-For."""
     statuses = []
