@@ -1662,29 +1662,30 @@ def needed_program(name, install):
 class Nginx:
     """Debian's nginx, unprivileged, running deploy/nginx.conf with its ports, name and certificate replaced."""
 
-    def __init__(self, binary, directory, https_port, chat_ports):
-        self.binary, self.directory, self.https_port = binary, directory, https_port
-        self.url = f"https://localhost:{https_port}"
-        (http_a, ws_a), (http_b, ws_b) = chat_ports
+    def __init__(self, binary, directory):
+        self.binary, self.directory, self.https_port = binary, directory, free_port()
+        self.url = f"https://localhost:{self.https_port}"
+
+    def configure(self, chat_processes):
+        (http_a, ws_a), (http_b, ws_b) = [(process.port, process.ws_port) for process in chat_processes]
+        d = self.directory
         site = CHAT_PY.with_name("deploy").joinpath("nginx.conf").read_text()
         replacements = {
-            "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
-            "listen 80;": f"listen 127.0.0.1:{free_port()};",
+            "listen 443 ssl;": f"listen 127.0.0.1:{self.https_port} ssl;",
+            "listen 80;": f"listen unix:{d}/http.sock;",  # no second TCP port to find
             "chat.example.org": "localhost",
-            "/etc/letsencrypt/live/localhost/fullchain.pem": f"{directory}/cert.pem",
-            "/etc/letsencrypt/live/localhost/privkey.pem": f"{directory}/key.pem",
+            "/etc/letsencrypt/live/localhost/fullchain.pem": f"{d}/cert.pem",
+            "/etc/letsencrypt/live/localhost/privkey.pem": f"{d}/key.pem",
             "127.0.0.1:8000;": f"127.0.0.1:{http_a};", "127.0.0.1:8001;": f"127.0.0.1:{http_b};",
             "127.0.0.1:8765;": f"127.0.0.1:{ws_a};", "127.0.0.1:8766;": f"127.0.0.1:{ws_b};",
         }
         for old, new in replacements.items():
             assert old in site, f"deploy/nginx.conf no longer has {old!r}: update this test"
             site = site.replace(old, new)
-        (directory / "chat.conf").write_text(site)
-        temp_paths = "".join(f"    {kind}_temp_path {directory}/{kind};\n"
-                             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        (directory / "nginx.conf").write_text(
-            f"error_log {directory}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n{temp_paths}"
-            f"    include {directory}/chat.conf;\n}}\n"
+        (d / "chat.conf").write_text(site)
+        temp_paths = "".join(f"    {kind}_temp_path {d}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (d / "nginx.conf").write_text(
+            f"error_log {d}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n{temp_paths}    include {d}/chat.conf;\n}}\n"
         )
 
     def start(self):
@@ -1694,18 +1695,30 @@ class Nginx:
              "-g", f"daemon off; pid {d}/nginx.pid;"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-        for _ in range(200):
+        for _ in range(200):  # ready when /health answers through it (another program may hold the port)
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.https_port), timeout=1):
-                return
+            connection = http.client.HTTPSConnection("127.0.0.1", self.https_port, timeout=1, context=unverified_tls())
+            with contextlib.suppress(OSError), contextlib.closing(connection):
+                connection.request("GET", "/health", headers={"Host": "localhost"})
+                if connection.getresponse().status == 200:
+                    return
             threading.Event().wait(0.05)
-        raise RuntimeError("nginx did not listen within 10 s")
+        raise RuntimeError("nginx did not answer within 10 s")
 
     def stop(self):
         self.process.terminate()
         self.process.wait(10)
         self.process.stderr.close()
+
+
+def unverified_tls():
+    """The test's self-signed certificate is its own: accept it."""
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return context
 
 
 @pytest.fixture
@@ -1718,14 +1731,14 @@ def behind_nginx(tmp_path, redis_server, chat_process):
          "-addext", "subjectAltName=DNS:localhost", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
         check=True, capture_output=True, timeout=30,
     )
-    https_port, chat_ports = free_port(), [(free_port(), free_port()) for _ in range(2)]
-    nginx = Nginx(nginx_binary, tmp_path, https_port, chat_ports)
-    nginx.chat_processes = []
-    for port, ws_port in chat_ports:
-        process = chat_process("--port", str(port), "--ws-port", str(ws_port), "--redis", redis_server.url,
-                               "--public-url", nginx.url)
+    nginx = Nginx(nginx_binary, tmp_path)
+    nginx.chat_processes = [
+        chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url, "--public-url", nginx.url)
+        for _ in range(2)
+    ]
+    for process in nginx.chat_processes:
         process.urls()
-        nginx.chat_processes.append(process)
+    nginx.configure(nginx.chat_processes)
     nginx.start()
     yield nginx
     nginx.stop()
@@ -1753,15 +1766,6 @@ def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three", "four", "five", "six"])
     assert sockets and all(url.startswith(f"wss://localhost:{behind_nginx.https_port}/ws?") for url in sockets)
-
-
-def unverified_tls():
-    """The test's self-signed certificate is its own: accept it."""
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    return context
 
 
 def test_behind_nginx_a_foreign_host_and_a_foreign_origin_are_still_refused(behind_nginx):
