@@ -15,12 +15,17 @@ routes, start-up and shutdown, main(). The contract is in the README.
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
+import contextlib
 import datetime
 import hashlib
 import http
 import json
+import logging
+import operator
 import re
+import resource
 import secrets
 import signal
 import sys
@@ -42,7 +47,7 @@ import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import ServerConnection, broadcast, serve
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosed
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -55,9 +60,15 @@ MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then 
 PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
 CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
 HISTORY_ON_CONNECT = 50
-PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often (each lists everyone)
+HISTORY_PIECE = 50  # messages per history frame when a client resumes: at most about 640 KB
+PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
+MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
+HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
+FD_RESERVED = 64  # descriptors for everything else: listening sockets, pipes, Redis, log files
+OPEN_TIMEOUT = 5  # seconds a websocket handshake may take, from the TCP connection on
+LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
 
 
 class BadInput(ValueError):
@@ -156,6 +167,7 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
+        self.online = collections.Counter()  # name -> connections, as presence frames told it so far
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
@@ -183,18 +195,47 @@ class Room:
         return self.messages_since(since, limit)
 
     def messages_since(self, since=None, limit=None):
-        """Kept messages with an id greater than `since`, oldest first; the last 50 without it."""
-        if since is None:
-            return list(self.messages)[-HISTORY_ON_CONNECT:]
-        newer = [m for m in self.messages if m["id"] > since]
-        return newer[:limit]
+        """Kept messages with an id greater than `since`, oldest first; the last 50 without it.
 
-    def join(self, connection, name, since):
-        """Send the history, then count the connection in: no message can fall in between."""
-        history = {"type": "history", "room": self.id, "name": name, "messages": self.messages_since(since)}
-        broadcast([connection], json.dumps(history, ensure_ascii=False))
+        Ids only grow, so bisection finds the first one, and only what is returned is copied:
+        a room that keeps 100,000 messages answers as fast as one that keeps 100.
+        """
+        if since is None:
+            start = max(0, len(self.messages) - HISTORY_ON_CONNECT)
+        else:
+            start = bisect.bisect_right(self.messages, since, key=operator.itemgetter("id"))
+        stop = len(self.messages) if limit is None else min(len(self.messages), start + limit)
+        return [self.messages[i] for i in range(start, stop)]
+
+    async def join(self, connection, name, since):
+        """Send the history, then count the connection in: no message can fall in between.
+
+        A client that resumes may have missed the whole history, 100,000 messages: it gets
+        them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
+        (ChatConnection.catching_up()). Messages posted meanwhile are kept, so a later piece
+        has them. The last piece and joining the room run with no await in between.
+        """
+        with connection.catching_up():
+            piece = self.messages_since(since, HISTORY_PIECE)
+            while piece and piece[-1]["id"] < self.last_id:
+                await connection.send(self.history_frame(name, piece, more=True))
+                piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
+        broadcast([connection], self.history_frame(name, piece, more=False))
         self.clients[connection] = name
         self.presence_changed(joined=name)
+
+    def history_frame(self, name, piece, more):
+        """One piece of history; `online` is who is in the room as the presence frames sent so
+        far tell it, so the changes still waiting to be sent apply to it exactly once."""
+        frame = {
+            "type": "history",
+            "room": self.id,
+            "name": name,
+            "messages": piece,
+            "more": more,
+            "online": sorted(self.online.elements()),
+        }
+        return json.dumps(frame, ensure_ascii=False)
 
     def leave(self, connection):
         name = self.clients.pop(connection)
@@ -207,8 +248,8 @@ class Room:
     def presence_changed(self, **change):
         """Send presence now, or with the next changes if a frame went out less than 0.25 s ago.
 
-        Each frame lists everyone and goes to everyone: a frame per join would cost the
-        square of the room's size each time, and filling a room of 1000 would take seconds.
+        Each frame goes to everyone: a frame per join would cost the square of the room's
+        size, and filling a room of 1000 would take seconds.
         """
         self.presence_changes.append(change)
         if len(self.presence_changes) == 1:
@@ -216,12 +257,30 @@ class Room:
             self.loop.call_later(max(0, wait), self.send_presence)
 
     def send_presence(self):
+        """Only what changed: the whole online list is in each client's history frame.
+
+        A frame that listed everyone let one client renaming 9 times a second make the
+        server send 114 MB/s to a room of 900.
+        """
         changes, self.presence_changes = self.presence_changes, []
         self.presence_sent = self.loop.time()
-        frame = {"type": "presence", "online": sorted(self.clients.values()), "changes": changes}
+        frame = {"type": "presence", "changes": changes}
         if len(changes) == 1:
             frame.update(changes[0])  # one change: {"joined": "bob"}, as the contract shows
         self.send_to_all(frame)
+        for change in changes:
+            self.count_online(change)
+
+    def count_online(self, change):
+        """Keep `online` as the presence frames sent so far tell it (see history_frame())."""
+        if "renamed" in change:
+            change = {"left": change["renamed"]["from"], "joined": change["renamed"]["to"]}
+        if "left" in change:
+            self.online[change["left"]] -= 1
+            if not self.online[change["left"]]:
+                del self.online[change["left"]]
+        if "joined" in change:
+            self.online[change["joined"]] += 1
 
     def send_to_all(self, frame):
         """Encode once, write to everyone without waiting (a client that stops reading is
@@ -267,9 +326,29 @@ class ChatConnection(ServerConnection):
     can come back with since=.
     """
 
+    waiting_for_client = False
+
     def pause_writing(self):
         super().pause_writing()
-        self.transport.abort()
+        if not self.waiting_for_client:
+            self.transport.abort()
+
+    @contextlib.contextmanager
+    def catching_up(self):
+        """While the history is sent, wait for the client instead of dropping it.
+
+        A client catching up is behind by design. A write limit of 0 makes every
+        `await connection.send()` wait until the kernel has taken all of it: the server
+        holds one piece at most, and when the last one is written (in Room.join, with
+        no wait) nothing else is queued.
+        """
+        self.waiting_for_client = True
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            yield
+        finally:
+            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
+            self.waiting_for_client = False
 
 
 async def echo(connection):
@@ -295,7 +374,7 @@ async def chat(connection):
     if query.get("room", [room.id])[0] != room.id:
         since = None  # ids began again in this room: the client's `since` means nothing here
 
-    room.join(connection, name, since)
+    await room.join(connection, name, since)
     try:
         for error in errors:
             await send_error(connection, error)
@@ -340,12 +419,13 @@ async def route(connection):
             await echo(connection)
         else:
             await chat(connection)
-    except ConnectionClosedError:
-        pass  # gone without a closing handshake (a lost network, a killed tab): not our error
+    except ConnectionClosed:
+        pass  # gone without a closing handshake (a lost network, a killed tab) or during its history
 
 
-def check_request(http_port):
-    """Refuse unknown paths (404) and pages from other sites (403) before the handshake.
+def check_request(http_port, max_clients):
+    """Refuse unknown paths (404), pages from other sites (403) and a full room (503)
+    before the handshake.
 
     websockets' own `origins=` takes a fixed list, but the page's address is whatever the
     reader typed (127.0.0.1, localhost, a LAN address): so compare with the Host header.
@@ -355,12 +435,28 @@ def check_request(http_port):
         if urllib.parse.urlsplit(request.path).path not in ("/", "/chat", "/echo"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
         origin = request.headers.get("Origin")
-        host = urllib.parse.urlsplit("//" + request.headers.get("Host", "")).hostname
+        try:
+            host = host_name(request)
+        except ValueError:
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "The Host header is not a host name\n")
         if origin is not None and not is_chat_page(origin, host, http_port):
             return connection.respond(http.HTTPStatus.FORBIDDEN, "Origin not allowed\n")
+        if is_full(connection.server, max_clients):
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n")
         return None
 
     return process_request
+
+
+def host_name(request):
+    """The host name in the handshake's Host header; ValueError if it is not one (`Host: [`)."""
+    return urllib.parse.urlsplit("//" + request.headers.get("Host", "")).hostname
+
+
+def is_full(server, max_clients):
+    """Every websocket connection holds a file descriptor, and so does every HTTP one: the
+    cap keeps enough of them for HTTP, /health and the handshakes that refuse the rest."""
+    return len(server.all_connections) >= max_clients
 
 
 def is_chat_page(origin, host, http_port):
@@ -500,6 +596,31 @@ def read_text(body, **_header_params):
     return read_utf8(body)
 
 
+@hug.default_input_format("multipart/form-data", api=api)
+def read_multipart(body, **header_params):
+    """What an HTML form with enctype="multipart/form-data" posts; hug's reader is a 500
+    without a boundary (KeyError) or with an empty one (ValueError)."""
+    try:
+        return hug.input_format.multipart(body, **header_params)
+    except (KeyError, ValueError):
+        raise BadInput("the multipart body has no valid boundary") from None
+
+
+READABLE = ("application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data")
+
+
+@hug.request_middleware(api=api)
+def refuse_unreadable_bodies(request, response):
+    """hug drops a body it has no reader for and the client hears only that `text` is
+    missing: say instead which types the chat reads (415)."""
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    if request.content_length and content_type not in READABLE:
+        response.status = hug.HTTP_415
+        response.content_type = "application/json; charset=utf-8"
+        response.body = json.dumps({"errors": {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}})
+        response.complete = True  # falcon: answer now, skip the route
+
+
 @hug.exception(BadInput, api=api)
 def bad_body(exception, response):
     """Without this a body hug cannot read is a 500 with a traceback."""
@@ -530,6 +651,8 @@ class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
     def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None):
+        self.http_connections, self.max_clients = connection_limits(raise_fd_limit())
+        log_repeated_errors_once()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
@@ -551,7 +674,23 @@ class Servers:
         app = api.http.server(default_not_found=False)
         app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
         self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
-        return waitress.create_server(app, host=host, port=port, map=self.socket_map, max_request_body_size=MAX_BODY)
+        return waitress.create_server(
+            app,
+            host=host,
+            port=port,
+            map=self.socket_map,
+            max_request_body_size=MAX_BODY,
+            # waitress reads requests in its one I/O thread and hands only whole ones to
+            # its worker threads: an idle or trickling connection costs a descriptor and
+            # a few KB, no thread. So allow many (the default, 100, was reached by 98 idle
+            # connections, and then nobody got the page), free the idle ones after 30 s
+            # instead of 120, looking every 5 s instead of every 30.
+            connection_limit=self.http_connections,
+            channel_timeout=30,
+            cleanup_interval=5,
+            backlog=1024,  # connections the kernel queues while waitress is busy
+            asyncore_use_poll=True,  # select() fails on descriptors above 1023; poll() does not
+        )
 
     async def start_websockets(self, host, ws_port, http_port, history, redis_url):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
@@ -560,7 +699,8 @@ class Servers:
             route,
             host,
             ws_port,
-            process_request=check_request(http_port),
+            process_request=check_request(http_port, self.max_clients),
+            open_timeout=OPEN_TIMEOUT,
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
             create_connection=ChatConnection,
@@ -594,6 +734,59 @@ class Servers:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(5)
         self.loop.close()
+
+
+def raise_fd_limit():
+    """Raise this process's descriptor limit to the most it may have; return the limit.
+
+    Each connection, websocket or HTTP, holds a descriptor; a shell often starts programs
+    with 1024 while allowing far more. Out of them, accept() fails for both servers.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1024 * 1024  # Linux's usual ceiling (fs.nr_open); an infinite limit is refused
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def connection_limits(fd_limit):
+    """How many HTTP and websocket connections fit in `fd_limit` descriptors, with headroom.
+
+    An HTTP connection may need a second descriptor (waitress spools a response over 1 MB
+    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets.
+    """
+    http_connections = max(10, min(HTTP_CONNECTIONS, fd_limit // 8))
+    return http_connections, max(1, min(MAX_CLIENTS, fd_limit - FD_RESERVED - 2 * http_connections))
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each log message through once every LOG_EVERY seconds.
+
+    When descriptors run out, accept() fails at once each time it is tried: waitress and
+    asyncio then log a traceback per try, megabytes a second, which helps nobody.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.last_logged = {}
+
+    def filter(self, record):
+        now, key = time.monotonic(), (record.name, record.msg)
+        if now - self.last_logged.get(key, float("-inf")) < LOG_EVERY:
+            return False
+        self.last_logged[key] = now
+        return True
+
+
+ONCE_PER_INTERVAL = OncePerInterval()
+
+
+def log_repeated_errors_once():
+    for name in ("waitress", "asyncio", "websockets.server"):
+        logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
 
 
 # --- main() ----------------------------------------------------------------------------

@@ -124,13 +124,22 @@ def receive(ws, kind, timeout=5):
 
 @contextlib.contextmanager
 def joined(servers, **query):
-    """A sync websocket client in the room, and the history frame it got first.
+    """A sync websocket client in the room, and the history it got first (all its pieces).
 
     max_queue=None: it reads everything the server sends at once, so a test that leaves
     frames unread does not look like a slow reader to the server.
     """
     with connect(ws_url(servers, **query), open_timeout=5, max_queue=None) as ws:
-        yield ws, receive(ws, "history")
+        yield ws, receive_history(ws)
+
+
+def receive_history(ws):
+    """The history pieces as one frame: the last piece's fields, every piece's messages."""
+    history = receive(ws, "history")
+    while history["more"]:
+        piece = receive(ws, "history")
+        history = {**piece, "messages": history["messages"] + piece["messages"]}
+    return history
 
 
 # --- HTTP routes -----------------------------------------------------------------------
@@ -347,16 +356,26 @@ def presence_changes(ws, until):
 
 
 def test_presence_on_join_rename_and_leave(server):
-    with joined(server, name="alice") as (alice, _):
+    with joined(server, name="alice") as (alice, history):
+        assert history["online"] == []  # who was there before her
         joined_alone = receive(alice, "presence")
-        assert joined_alone == {"type": "presence", "online": ["alice"], "joined": "alice", "changes": [{"joined": "alice"}]}
-        with joined(server, name="bob") as (bob, _):
+        assert joined_alone == {"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}
+        with joined(server, name="bob") as (bob, bobs_history):
             bob.send(json.dumps({"type": "name", "name": "robert"}))
-            changes, frame = presence_changes(alice, until=lambda changes: len(changes) == 2)
+            changes, _ = presence_changes(alice, until=lambda changes: len(changes) == 2)
             assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
-            assert frame["online"] == ["alice", "robert"]
+            assert bobs_history["online"] == ["alice"]
         left = receive(alice, "presence")
-        assert left["online"] == ["alice"] and left["left"] == "robert"
+        assert left["left"] == "robert" and "online" not in left
+
+
+def test_history_online_and_the_presence_changes_after_it_add_up_to_who_is_there(server):
+    with joined(server, name="alice") as (alice, _):
+        receive(alice, "presence")  # her join went out: the next changes wait up to 0.25 s
+        with joined(server, name="bob"), joined(server, name="carol") as (carol, history):
+            changes, _ = presence_changes(carol, until=lambda changes: {"joined": "carol"} in changes)
+            online = history["online"] + [change["joined"] for change in changes]
+            assert sorted(online) == ["alice", "bob", "carol"]  # bob's join was still waiting: once
 
 
 def test_a_burst_of_joins_is_sent_as_few_presence_frames(server):
@@ -800,8 +819,8 @@ def test_length_is_counted_in_characters_not_bytes(server):
         ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
         assert len(receive(ws, "message")["text"]) == 2000
         ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
-        _, frame = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
-        assert frame["online"] == ["😀" * 32]
+        changes, _ = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
+        assert changes[-1]["renamed"]["to"] == "😀" * 32
 
 
 @pytest.mark.parametrize(
