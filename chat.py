@@ -219,6 +219,7 @@ class Room:
             piece = self.messages_since(since, HISTORY_PIECE)
             while piece and piece[-1]["id"] < self.last_id:
                 await connection.send(self.history_frame(name, piece, more=True))
+                await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
                 piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
         broadcast([connection], self.history_frame(name, piece, more=False))
         self.clients[connection] = name
