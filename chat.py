@@ -19,6 +19,7 @@ import bisect
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import http
 import json
@@ -328,6 +329,18 @@ class ChatConnection(ServerConnection):
     """
 
     waiting_for_client = False
+
+    def __init__(self, *args, max_connections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+
+    def connection_made(self, transport):
+        """Close a TCP connection at once past max_connections (clients and handshakes under
+        way): connections that never send a handshake must not take the descriptors that
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        super().connection_made(transport)
+        if len(self.server.handler_tasks) > self.max_connections:
+            transport.abort()
 
     def pause_writing(self):
         super().pause_writing()
@@ -652,7 +665,7 @@ class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
     def __init__(self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None):
-        self.http_connections, self.max_clients = connection_limits(raise_fd_limit())
+        self.http_connections, self.max_clients, self.max_connections = connection_limits(raise_fd_limit())
         log_repeated_errors_once()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
@@ -704,7 +717,7 @@ class Servers:
             open_timeout=OPEN_TIMEOUT,
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
-            create_connection=ChatConnection,
+            create_connection=functools.partial(ChatConnection, max_connections=self.max_connections),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
@@ -754,13 +767,17 @@ def raise_fd_limit():
 
 
 def connection_limits(fd_limit):
-    """How many HTTP and websocket connections fit in `fd_limit` descriptors, with headroom.
+    """How many connections fit in `fd_limit` descriptors, with headroom: HTTP connections,
+    websocket clients, and websocket connections at all (clients and handshakes under way).
 
     An HTTP connection may need a second descriptor (waitress spools a response over 1 MB
-    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets.
+    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets, a
+    tenth of it (at least 10) for handshakes beyond the cap, which get their 503.
     """
     http_connections = max(10, min(HTTP_CONNECTIONS, fd_limit // 8))
-    return http_connections, max(1, min(MAX_CLIENTS, fd_limit - FD_RESERVED - 2 * http_connections))
+    websockets = max(2, fd_limit - FD_RESERVED - 2 * http_connections)
+    max_clients = max(1, min(MAX_CLIENTS, websockets * 9 // 10))
+    return http_connections, max_clients, min(websockets, max_clients + max(10, max_clients // 10))
 
 
 class OncePerInterval(logging.Filter):
