@@ -1324,13 +1324,25 @@ def test_connections_that_never_handshake_cannot_take_the_descriptors_http_needs
     try:
         for _ in range(150):  # more than the 128 descriptors chat.py has
             raw.append(socket.create_connection(("127.0.0.1", process.ws_port), timeout=5))
-        connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=3)  # before open_timeout
+        # Before open_timeout (5 s) could free any: those past the cap are closed at once.
+        wait_until(lambda: sum(map(closed_by_server, raw)) >= 100, timeout=3, what="100 closed at once")
+        connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=3)
         connection.request("GET", "/health")
         assert connection.getresponse().status == 200
         connection.close()
     finally:
         for sock in raw:
             sock.close()
+
+
+def closed_by_server(sock):
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read
+    except ConnectionResetError:
+        return True
 
 
 def test_a_handshake_that_never_completes_is_closed_quickly(monkeypatch):
