@@ -1031,7 +1031,7 @@ def test_benchmark_quick_run_completes_and_loses_nothing(tmp_path):
     assert "| fan-out throughput, 100 receivers" in bench.stdout
     assert "Lost, duplicated or reordered deliveries in all runs: 0" in bench.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory"}
+    assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory", "resume"}
 
 
 # --- Scaling out: two chat.py processes, one room in Redis ------------------------------
