@@ -213,13 +213,13 @@ class Room:
 
         A client that resumes may have missed the whole history, 100,000 messages: it gets
         them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
-        (ChatConnection.catching_up()). Messages posted meanwhile are kept, so a later piece
-        has them. The last piece and joining the room run with no await in between.
+        (see ChatConnection). Messages posted meanwhile are kept, so a later piece has
+        them. The last piece and joining the room run with no await in between.
         """
         with connection.catching_up():
             piece = self.messages_since(since, HISTORY_PIECE)
             while piece and piece[-1]["id"] < self.last_id:
-                await connection.send(self.history_frame(name, piece, more=True))
+                await connection.send_in_time(self.history_frame(name, piece, more=True))
                 await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
                 piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
         broadcast([connection], self.history_frame(name, piece, more=False))
@@ -364,6 +364,19 @@ class ChatConnection(ServerConnection):
             self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
             self.waiting_for_client = False
 
+    async def send_in_time(self, frame):
+        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
+
+        A client that stops reading in the middle of its history is dropped, as one that
+        stops answering pings is: websockets' own pings wait behind the history.
+        """
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self.send(frame)
+        except TimeoutError:
+            self.transport.abort()
+            raise
+
 
 async def echo(connection):
     """The first workshop step: every frame goes straight back to its sender."""
@@ -433,8 +446,8 @@ async def route(connection):
             await echo(connection)
         else:
             await chat(connection)
-    except ConnectionClosed:
-        pass  # gone without a closing handshake (a lost network, a killed tab) or during its history
+    except (ConnectionClosed, TimeoutError):
+        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
 
 
 def check_request(http_port, max_clients):

@@ -1235,7 +1235,7 @@ def stalled_resume(servers):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", servers.ws_port))
-    with connect(ws_url(servers, since=0), sock=sock, open_timeout=5, max_queue=1) as ws:
+    with connect(ws_url(servers, since=0), sock=sock, open_timeout=5, close_timeout=1, max_queue=1) as ws:
         wait_until(lambda: server_waits_for_a_client(servers), what="the server waiting for the reader")
         yield ws
 
@@ -1269,6 +1269,25 @@ def test_messages_posted_while_a_client_catches_up_reach_it_once_in_order(big_ro
         post(big_room.port, "/messages", {"text": "after"})
         ids.append(receive(ws, "message")["id"])
     assert ids == list(range(1, 2007))
+
+
+def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(monkeypatch):
+    monkeypatch.setattr(chat, "PING_TIMEOUT", 0.5)  # 20 s in real life
+    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    try:
+        seed_big(2000)
+        with stalled_resume(servers):
+            wait_until(lambda: not server_connections(servers), timeout=5, what="the stalled client dropped")
+        wait_for_health(servers.port, clients=0)  # it never joined the room
+    finally:
+        servers.stop()
+
+
+def server_connections(servers):
+    async def count():
+        return len(servers.ws_server.all_connections)
+
+    return asyncio.run_coroutine_threadsafe(count(), servers.loop).result(5)
 
 
 def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
