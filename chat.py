@@ -157,7 +157,8 @@ class Room:
 
     Only the event loop's thread calls these methods, and none of them awaits: each
     runs from start to end without anything else happening in between. That is what
-    makes the loop a safe owner, with no lock anywhere.
+    makes the loop a safe owner, with no lock anywhere. (join() awaits between pieces
+    of history, and looks at the room afresh after each.)
     """
 
     def __init__(self, history, loop, ws_port):
