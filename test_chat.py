@@ -1219,6 +1219,13 @@ def server_waits_for_a_client(servers):
     return asyncio.run_coroutine_threadsafe(any_paused(), servers.loop).result(5)
 
 
+def server_connections(servers):
+    async def count():
+        return len(servers.ws_server.all_connections)
+
+    return asyncio.run_coroutine_threadsafe(count(), servers.loop).result(5)
+
+
 @pytest.fixture
 def big_room():
     """A room keeping 2000 messages of 8 KB, 16 MB: more than the kernel's socket buffers
@@ -1234,6 +1241,7 @@ def stalled_resume(servers):
     """A client resuming with since=0 that does not read until the server waits for it."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
     sock.connect(("127.0.0.1", servers.ws_port))
     with connect(ws_url(servers, since=0), sock=sock, open_timeout=5, close_timeout=1, max_queue=1) as ws:
         wait_until(lambda: server_waits_for_a_client(servers), what="the server waiting for the reader")
@@ -1281,13 +1289,6 @@ def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(
         wait_for_health(servers.port, clients=0)  # it never joined the room
     finally:
         servers.stop()
-
-
-def server_connections(servers):
-    async def count():
-        return len(servers.ws_server.all_connections)
-
-    return asyncio.run_coroutine_threadsafe(count(), servers.loop).result(5)
 
 
 def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
