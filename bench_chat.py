@@ -472,8 +472,8 @@ def resume_summary(row):
 
 def resume_table(rows):
     lines = [
-        "| resume with since=0 | time (s) | server peak memory (MB above before) | another client's longest ping: "
-        "during / idle (ms) | lost, dup, reordered |",
+        ("| resume with since=0 | time (s) | server peak memory (MB above before) | another client's longest ping: "
+         "during / idle (ms) | lost, dup, reordered |"),
         "|---|---|---|---|---|",
     ]
     for row in rows:

@@ -26,7 +26,6 @@ import json
 import logging
 import operator
 import re
-import resource
 import secrets
 import signal
 import sys
@@ -49,6 +48,11 @@ import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+
+try:
+    import resource  # Unix only: on Windows there is no descriptor limit to raise
+except ImportError:
+    resource = None
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -770,6 +774,8 @@ def raise_fd_limit():
     Each connection, websocket or HTTP, holds a descriptor; a shell often starts programs
     with 1024 while allowing far more. Out of them, accept() fails for both servers.
     """
+    if resource is None:
+        return 1024  # what connection_limits() should plan for where it cannot ask
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1024 * 1024  # Linux's usual ceiling (fs.nr_open); an infinite limit is refused
