@@ -139,8 +139,8 @@ class Client(asyncio.Protocol):
     speed. It does not answer pings: every scenario ends before the first one (20 s).
     """
 
-    def __init__(self, port, deflate, on_message):
-        self.port, self.deflate, self.on_message = port, deflate, on_message
+    def __init__(self, port, deflate, on_message, path="/"):
+        self.port, self.deflate, self.on_message, self.path = port, deflate, on_message, path
         self.tail = b""  # the end of the last chunk, which may hold the start of a message
         self.open = asyncio.get_running_loop().create_future()
         self.last_id, self.received, self.lost, self.duplicated, self.reordered = 0, 0, 0, 0, 0
@@ -150,7 +150,7 @@ class Client(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if self.deflate else ""
         transport.write(
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
         )
 
@@ -199,12 +199,12 @@ class Client(asyncio.Protocol):
         self.transport.write(header + b"\0\0\0\0" + payload)
 
 
-async def open_clients(port, count, deflate=False, on_message=None):
+async def open_clients(port, count, deflate=False, on_message=None, path="/"):
     loop = asyncio.get_running_loop()
     clients = []
     for first in range(0, count, 100):  # in groups, so the listen backlog is never full
         batch = [
-            loop.create_connection(lambda: Client(port, deflate, on_message), "127.0.0.1", port)
+            loop.create_connection(lambda: Client(port, deflate, on_message, path), "127.0.0.1", port)
             for _ in range(first, min(count, first + 100))
         ]
         for _, client in await asyncio.gather(*batch):
@@ -360,10 +360,55 @@ async def idle_memory(server_pid, ws_port, count):
     return result
 
 
-def rss(pid):
-    """Resident memory of a process, in bytes."""
+def rss(pid, field="VmRSS"):
+    """Resident memory of a process in bytes: now, or its peak with field="VmHWM"."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+    return int(status.split(f"{field}:")[1].split()[0]) * 1024
+
+
+async def resume(server_pid, ws_port, kept, size=2000, window=200):
+    """One client resumes with since=0 after `kept` messages of `size` characters, while
+    another pings the server every 10 ms: how long the resume takes, the server's peak
+    memory on top of what it held, and the longest ping (the event loop's stall as another
+    client sees it) against the longest ping of the same client with nothing going on."""
+    moved = asyncio.Event()
+    sender, = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
+    sent = 0
+    while sender.last_id < kept:  # fill the room, at most `window` messages in flight
+        while sent < min(kept, sender.last_id + window):
+            sent += 1
+            sender.send(text_of(sent, size))
+        moved.clear()
+        await asyncio.wait_for(moved.wait(), 30)
+    close_all([sender])
+
+    from websockets.asyncio.client import connect
+
+    idle, busy = [], []
+    async with connect(f"ws://127.0.0.1:{ws_port}/", max_queue=None, max_size=None) as pinger:
+        await ping_times(pinger, idle, seconds=1)
+        Path(f"/proc/{server_pid}/clear_refs").write_text("5")  # Linux: VmHWM starts again from now
+        before = rss(server_pid)
+        pings = asyncio.create_task(ping_times(pinger, busy, seconds=600))
+        started = time.perf_counter()
+        client, = await open_clients(ws_port, 1, path="/?since=0")
+        await wait_for_delivery([client], kept, 120)
+        took = time.perf_counter() - started
+        pings.cancel()
+    result = {"kept": kept, "size": size, "resume_s": took, "peak_mb": (rss(server_pid, "VmHWM") - before) / 2**20,
+              "stall_ms": max(busy, default=0) * 1000, "idle_stall_ms": max(idle) * 1000, **integrity([client], kept)}
+    close_all([client])
+    return result
+
+
+async def ping_times(ws, times, seconds):
+    """Appends to `times` the round trip of a ping every 10 ms, for `seconds` or until cancelled."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        begun = time.perf_counter()
+        await (await ws.ping())
+        times.append(time.perf_counter() - begun)
+        await asyncio.sleep(0.01)
 
 
 def generate(scenario, args):
@@ -374,6 +419,8 @@ def generate(scenario, args):
         run = fan_out_latency(args["ws_ports"], args["receivers"], args["seconds"])
     elif scenario == "http":
         run = http_to_websocket(args["port"], args["ws_port"], args["receivers"], args["seconds"])
+    elif scenario == "resume":
+        run = resume(args["pid"], args["ws_port"], args["kept"])
     else:
         run = idle_memory(args["pid"], args["ws_port"], args["connections"])
     print(json.dumps(asyncio.run(run)))
@@ -398,6 +445,42 @@ def scenarios(quick):
         ("http", "POST /messages to delivery, 100 receivers", {"receivers": 100, "seconds": seconds}),
         ("memory", "memory per idle connection", {"connections": 500 if quick else 2000}),
     ]
+
+
+def resumes(quick):
+    return [("resume", f"resume of {kept:,} kept messages of 2,000 characters", {"kept": kept})
+            for kept in ((1000, 10_000) if quick else (1000, 100_000))]
+
+
+def run_resumes(quick):
+    """The chat alone (the baseline keeps no history): its own figures, against the same
+    client's pings with nothing going on, in the same run."""
+    rows = []
+    for step, (scenario, title, args) in enumerate(resumes(quick), 1):
+        print(f"[resume {step}/{len(resumes(quick))}] {title} ...", file=sys.stderr, flush=True)
+        row = {"scenario": scenario, "title": title, "args": args, "chat": measure("chat", scenario, args)}
+        rows.append(row)
+        print("    " + resume_summary(row), file=sys.stderr, flush=True)
+    return rows
+
+
+def resume_summary(row):
+    r = row["chat"]
+    return (f"{r['resume_s']:.2f} s, peak +{r['peak_mb']:.0f} MB, longest ping {r['stall_ms']:.1f} ms "
+            f"(idle {r['idle_stall_ms']:.1f} ms), lost, dup, reordered {r['lost']}, {r['duplicated']}, {r['reordered']}")
+
+
+def resume_table(rows):
+    lines = [
+        ("| resume with since=0 | time (s) | server peak memory (MB above before) | another client's longest ping: "
+         "during / idle (ms) | lost, dup, reordered |"),
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row["chat"]
+        lines.append(f"| {row['title']} | {r['resume_s']:.2f} | {r['peak_mb']:.0f} | {r['stall_ms']:.1f} / "
+                     f"{r['idle_stall_ms']:.1f} | {r['lost']}, {r['duplicated']}, {r['reordered']} |")
+    return "\n".join(lines)
 
 
 def measure(kind, scenario, args):
@@ -558,15 +641,19 @@ def main():
     if args.generate:
         return generate(args.generate[0], json.loads(args.generate[1]))
     rows = run_all(args.quick)
+    resume_rows = run_resumes(args.quick)
     print(table(rows))
+    print()
+    print(resume_table(resume_rows))
     faults = sum(r[k][f] for r in rows if r["scenario"] not in ("memory", "efficiency")
                  for k in ("chat", "baseline") for f in ("lost", "duplicated", "reordered"))
+    faults += sum(r["chat"][f] for r in resume_rows for f in ("lost", "duplicated", "reordered"))
     if any(r[k].get("generator_cpu", 0) > 0.9 for r in rows for k in ("chat", "baseline")):
         print("The load generator saturated a core in some runs (see the table): there, both servers were\n"
               "measured against the same limit, and 'deliveries per server CPU-second' is the fairer figure.")
     print(f"\nLost, duplicated or reordered deliveries in all runs: {faults}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows + resume_rows}, indent=2))
     if args.plot:
         plot(rows, args.plot)
     return 1 if faults else 0

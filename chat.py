@@ -15,13 +15,17 @@ routes, start-up and shutdown, main(). The contract is in the README.
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import contextlib
 import datetime
+import functools
 import hashlib
 import http
 import ipaddress
 import json
+import logging
+import operator
 import re
 import secrets
 import signal
@@ -45,7 +49,12 @@ import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import ServerConnection, broadcast, serve
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosed
+
+try:
+    import resource  # Unix only: on Windows there is no descriptor limit to raise
+except ImportError:
+    resource = None
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -58,11 +67,17 @@ MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then 
 PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
 CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
 HISTORY_ON_CONNECT = 50
-PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often (each lists everyone)
+HISTORY_PIECE = 50  # messages per history frame when a client resumes: at most about 640 KB
+PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
 ROOM_PATHS = ("/", "/chat", "/ws")  # the room's websocket paths; /ws is the one behind a proxy
 PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
+MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
+HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
+FD_RESERVED = 64  # descriptors for everything else: listening sockets, pipes, Redis, log files
+OPEN_TIMEOUT = 5  # seconds a websocket handshake may take, from the TCP connection on
+LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
 
 
 class BadInput(ValueError):
@@ -150,7 +165,8 @@ class Room:
 
     Only the event loop's thread calls these methods, and none of them awaits: each
     runs from start to end without anything else happening in between. That is what
-    makes the loop a safe owner, with no lock anywhere.
+    makes the loop a safe owner, with no lock anywhere. (join() awaits between pieces
+    of history, and looks at the room afresh after each.)
     """
 
     def __init__(self, history, loop, ws_port):
@@ -161,6 +177,7 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
+        self.online = collections.Counter()  # name -> connections, as presence frames told it so far
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
@@ -188,18 +205,48 @@ class Room:
         return self.messages_since(since, limit)
 
     def messages_since(self, since=None, limit=None):
-        """Kept messages with an id greater than `since`, oldest first; the last 50 without it."""
-        if since is None:
-            return list(self.messages)[-HISTORY_ON_CONNECT:]
-        newer = [m for m in self.messages if m["id"] > since]
-        return newer[:limit]
+        """Kept messages with an id greater than `since`, oldest first; the last 50 without it.
 
-    def join(self, connection, name, since):
-        """Send the history, then count the connection in: no message can fall in between."""
-        history = {"type": "history", "room": self.id, "name": name, "messages": self.messages_since(since)}
-        broadcast([connection], json.dumps(history, ensure_ascii=False))
+        Ids only grow, so bisection finds the first one, and only what is returned is copied:
+        a room that keeps 100,000 messages answers as fast as one that keeps 100.
+        """
+        if since is None:
+            start = max(0, len(self.messages) - HISTORY_ON_CONNECT)
+        else:
+            start = bisect.bisect_right(self.messages, since, key=operator.itemgetter("id"))
+        stop = len(self.messages) if limit is None else min(len(self.messages), start + limit)
+        return [self.messages[i] for i in range(start, stop)]
+
+    async def join(self, connection, name, since):
+        """Send the history, then count the connection in: no message can fall in between.
+
+        A client that resumes may have missed the whole history, 100,000 messages: it gets
+        them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
+        (see ChatConnection). Messages posted meanwhile are kept, so a later piece has
+        them. The last piece and joining the room run with no await in between.
+        """
+        with connection.catching_up():
+            piece = self.messages_since(since, HISTORY_PIECE)
+            while piece and piece[-1]["id"] < self.last_id:
+                await connection.send_in_time(self.history_frame(name, piece, more=True))
+                await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
+                piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
+        broadcast([connection], self.history_frame(name, piece, more=False))
         self.clients[connection] = name
         self.presence_changed(joined=name)
+
+    def history_frame(self, name, piece, more):
+        """One piece of history; `online` is who is in the room as the presence frames sent so
+        far tell it, so the changes still waiting to be sent apply to it exactly once."""
+        frame = {
+            "type": "history",
+            "room": self.id,
+            "name": name,
+            "messages": piece,
+            "more": more,
+            "online": sorted(self.online.elements()),
+        }
+        return json.dumps(frame, ensure_ascii=False)
 
     def leave(self, connection):
         name = self.clients.pop(connection)
@@ -212,8 +259,8 @@ class Room:
     def presence_changed(self, **change):
         """Send presence now, or with the next changes if a frame went out less than 0.25 s ago.
 
-        Each frame lists everyone and goes to everyone: a frame per join would cost the
-        square of the room's size each time, and filling a room of 1000 would take seconds.
+        Each frame goes to everyone: a frame per join would cost the square of the room's
+        size, and filling a room of 1000 would take seconds.
         """
         self.presence_changes.append(change)
         if len(self.presence_changes) == 1:
@@ -221,12 +268,30 @@ class Room:
             self.loop.call_later(max(0, wait), self.send_presence)
 
     def send_presence(self):
+        """Only what changed: the whole online list is in each client's history frame.
+
+        A frame that listed everyone let one client renaming 9 times a second make the
+        server send 114 MB/s to a room of 900.
+        """
         changes, self.presence_changes = self.presence_changes, []
         self.presence_sent = self.loop.time()
-        frame = {"type": "presence", "online": sorted(self.clients.values()), "changes": changes}
+        frame = {"type": "presence", "changes": changes}
         if len(changes) == 1:
             frame.update(changes[0])  # one change: {"joined": "bob"}, as the contract shows
         self.send_to_all(frame)
+        for change in changes:
+            self.count_online(change)
+
+    def count_online(self, change):
+        """Keep `online` as the presence frames sent so far tell it (see history_frame())."""
+        if "renamed" in change:
+            change = {"left": change["renamed"]["from"], "joined": change["renamed"]["to"]}
+        if "left" in change:
+            self.online[change["left"]] -= 1
+            if not self.online[change["left"]]:
+                del self.online[change["left"]]
+        if "joined" in change:
+            self.online[change["joined"]] += 1
 
     def send_to_all(self, frame):
         """Encode once, write to everyone without waiting (a client that stops reading is
@@ -272,9 +337,54 @@ class ChatConnection(ServerConnection):
     can come back with since=.
     """
 
+    waiting_for_client = False
+
+    def __init__(self, *args, max_connections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+
+    def connection_made(self, transport):
+        """Close a TCP connection at once past max_connections (clients and handshakes under
+        way): connections that never send a handshake must not take the descriptors that
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        super().connection_made(transport)
+        if len(self.server.handler_tasks) > self.max_connections:
+            transport.abort()
+
     def pause_writing(self):
         super().pause_writing()
-        self.transport.abort()
+        if not self.waiting_for_client:
+            self.transport.abort()
+
+    @contextlib.contextmanager
+    def catching_up(self):
+        """While the history is sent, wait for the client instead of dropping it.
+
+        A client catching up is behind by design. A write limit of 0 makes every
+        `await connection.send()` wait until the kernel has taken all of it: the server
+        holds one piece at most, and when the last one is written (in Room.join, with
+        no wait) nothing else is queued.
+        """
+        self.waiting_for_client = True
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            yield
+        finally:
+            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
+            self.waiting_for_client = False
+
+    async def send_in_time(self, frame):
+        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
+
+        A client that stops reading in the middle of its history is dropped, as one that
+        stops answering pings is: websockets' own pings wait behind the history.
+        """
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self.send(frame)
+        except TimeoutError:
+            self.transport.abort()
+            raise
 
 
 async def echo(connection):
@@ -300,7 +410,7 @@ async def chat(connection):
     if query.get("room", [room.id])[0] != room.id:
         since = None  # ids began again in this room: the client's `since` means nothing here
 
-    room.join(connection, name, since)
+    await room.join(connection, name, since)
     try:
         for error in errors:
             await send_error(connection, error)
@@ -345,19 +455,30 @@ async def route(connection):
             await echo(connection)
         else:
             await chat(connection)
-    except ConnectionClosedError:
-        pass  # gone without a closing handshake (a lost network, a killed tab): not our error
+    except (ConnectionClosed, TimeoutError):
+        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
 
 
-def check_request(connection, request):
-    """Refuse unknown paths (404), and handshakes the policy below refuses (403)."""
+def check_request(connection, request, max_clients):
+    """Refuse unknown paths (404), handshakes the policy below refuses (403) and a full room (503)."""
     if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
     host, origin = request.headers.get("Host"), request.headers.get("Origin")
-    refusal = policy.host_refusal(host) or policy.origin_refusal(origin, host)
+    try:
+        refusal = policy.host_refusal(host) or policy.origin_refusal(origin, host)
+    except ValueError:  # "Host: [" is no host name at all
+        return connection.respond(http.HTTPStatus.BAD_REQUEST, "The Host header is not a host name\n")
     if refusal:
         return connection.respond(http.HTTPStatus.FORBIDDEN, refusal + "\n")
+    if is_full(connection.server, max_clients):
+        return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n")
     return None
+
+
+def is_full(server, max_clients):
+    """Every websocket connection holds a file descriptor, and so does every HTTP one: the
+    cap keeps enough of them for HTTP, /health and the handshakes that refuse the rest."""
+    return len(server.all_connections) >= max_clients
 
 
 # --- Who may talk to the chat ------------------------------------------------------------
@@ -414,11 +535,11 @@ policy = Policy()  # the policy of this process; Servers makes it with the real 
 
 
 def host_name(host):
-    """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none."""
-    try:
-        return (urllib.parse.urlsplit(f"//{host or ''}").hostname or "").rstrip(".") or None
-    except ValueError:  # "[" without "]"
-        return host
+    """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
+
+    ValueError when it is no host name at all ("[" without "]").
+    """
+    return (urllib.parse.urlsplit(f"//{host or ''}").hostname or "").rstrip(".") or None
 
 
 def url_host(name):
@@ -456,15 +577,23 @@ api = hug.API(__name__)
 def check_http_request(request, response):
     """The policy above, before any route: a foreign Host is refused, and so is a foreign write."""
     host = request.get_header("Host")
-    errors = {"host": policy.host_refusal(host)}
+    try:
+        errors = {"host": policy.host_refusal(host)}
+    except ValueError:  # "Host: [" is no host name at all
+        return refuse(response, hug.HTTP_400, {"host": "the Host header is not a host name"})
     if request.method not in ("GET", "HEAD"):  # a write
         errors["origin"] = policy.origin_refusal(request.get_header("Origin"), host)
     errors = {field: error for field, error in errors.items() if error}
     if errors:
-        response.status = hug.HTTP_403
-        response.content_type = "application/json; charset=utf-8"
-        response.body = json.dumps({"errors": errors})
-        response.complete = True  # falcon answers now: no route runs
+        refuse(response, hug.HTTP_403, errors)
+
+
+def refuse(response, status, errors):
+    """Answer now, with hug's JSON error format: falcon runs no route after this."""
+    response.status = status
+    response.content_type = "application/json; charset=utf-8"
+    response.body = json.dumps({"errors": errors})
+    response.complete = True
 
 
 def ask_room(coroutine):
@@ -604,6 +733,31 @@ def read_text(body, **_header_params):
     return read_utf8(body)
 
 
+@hug.default_input_format("multipart/form-data", api=api)
+def read_multipart(body, **header_params):
+    """What an HTML form with enctype="multipart/form-data" posts; hug's reader is a 500
+    without a boundary (KeyError) or with an empty one (ValueError)."""
+    try:
+        return hug.input_format.multipart(body, **header_params)
+    except (KeyError, ValueError):
+        raise BadInput("the multipart body has no valid boundary") from None
+
+
+READABLE = ("application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data")
+
+
+@hug.request_middleware(api=api)
+def refuse_unreadable_bodies(request, response):
+    """hug drops a body it has no reader for and the client hears only that `text` is
+    missing: say instead which types the chat reads (415)."""
+    content_type = (request.content_type or "").split(";")[0].strip().lower()
+    if request.content_length and content_type not in READABLE:
+        response.status = hug.HTTP_415
+        response.content_type = "application/json; charset=utf-8"
+        response.body = json.dumps({"errors": {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}})
+        response.complete = True  # falcon: answer now, skip the route
+
+
 @hug.exception(BadInput, api=api)
 def bad_body(exception, response):
     """Without this a body hug cannot read is a 500 with a traceback."""
@@ -636,6 +790,8 @@ class Servers:
     def __init__(
         self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None, allowed_hosts=(), public_url=None
     ):
+        self.http_connections, self.max_clients, self.max_connections = connection_limits(raise_fd_limit())
+        log_repeated_errors_once()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
@@ -659,7 +815,20 @@ class Servers:
         app = api.http.server(default_not_found=False)
         app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
         self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
-        settings = {"map": self.socket_map, "max_request_body_size": MAX_BODY}
+        settings = {
+            "map": self.socket_map,
+            "max_request_body_size": MAX_BODY,
+            # waitress reads requests in its one I/O thread and hands only whole ones to
+            # its worker threads: an idle or trickling connection costs a descriptor and
+            # a few KB, no thread. So allow many (the default, 100, was reached by 98 idle
+            # connections, and then nobody got the page), free the idle ones after 30 s
+            # instead of 120, looking every 5 s instead of every 30.
+            "connection_limit": self.http_connections,
+            "channel_timeout": 30,
+            "cleanup_interval": 5,
+            "backlog": 1024,  # connections the kernel queues while waitress is busy
+            "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
+        }
         if behind_proxy:  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
             settings.update(trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"})
         return waitress.create_server(app, host=host, port=port, **settings)
@@ -671,10 +840,11 @@ class Servers:
             route,
             host,
             ws_port,
-            process_request=check_request,
+            process_request=functools.partial(check_request, max_clients=self.max_clients),
+            open_timeout=OPEN_TIMEOUT,
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
-            create_connection=ChatConnection,
+            create_connection=functools.partial(ChatConnection, max_connections=self.max_connections),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
@@ -707,6 +877,65 @@ class Servers:
         self.loop.close()
 
 
+def raise_fd_limit():
+    """Raise this process's descriptor limit to the most it may have; return the limit.
+
+    Each connection, websocket or HTTP, holds a descriptor; a shell often starts programs
+    with 1024 while allowing far more. Out of them, accept() fails for both servers.
+    """
+    if resource is None:
+        return 1024  # what connection_limits() should plan for where it cannot ask
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1024 * 1024  # Linux's usual ceiling (fs.nr_open); an infinite limit is refused
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def connection_limits(fd_limit):
+    """How many connections fit in `fd_limit` descriptors, with headroom: HTTP connections,
+    websocket clients, and websocket connections at all (clients and handshakes under way).
+
+    An HTTP connection may need a second descriptor (waitress spools a response over 1 MB
+    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets, a
+    tenth of it (at least 10) for handshakes beyond the cap, which get their 503.
+    """
+    http_connections = max(10, min(HTTP_CONNECTIONS, fd_limit // 8))
+    websockets = max(2, fd_limit - FD_RESERVED - 2 * http_connections)
+    max_clients = max(1, min(MAX_CLIENTS, websockets * 9 // 10))
+    return http_connections, max_clients, min(websockets, max_clients + max(10, max_clients // 10))
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each log message through once every LOG_EVERY seconds.
+
+    When descriptors run out, accept() fails at once each time it is tried: waitress and
+    asyncio then log a traceback per try, megabytes a second, which helps nobody.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.last_logged = {}
+
+    def filter(self, record):
+        now, key = time.monotonic(), (record.name, record.msg)
+        if now - self.last_logged.get(key, float("-inf")) < LOG_EVERY:
+            return False
+        self.last_logged[key] = now
+        return True
+
+
+ONCE_PER_INTERVAL = OncePerInterval()
+
+
+def log_repeated_errors_once():
+    for name in ("waitress", "asyncio", "websockets.server"):
+        logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
+
+
 # --- main() ----------------------------------------------------------------------------
 
 
@@ -732,7 +961,10 @@ def parse_args(argv):
 
 
 def host_name_argument(value):
-    name = host_name(value)
+    try:
+        name = host_name(value)
+    except ValueError:
+        name = None
     if not name or name != value.lower().rstrip(".") or "/" in value:
         raise argparse.ArgumentTypeError(f"{value!r} is not a host name such as chat.lan (no scheme, no port)")
     return name

@@ -9,6 +9,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import os
 import queue
 import random
@@ -124,13 +125,22 @@ def receive(ws, kind, timeout=5):
 
 @contextlib.contextmanager
 def joined(servers, **query):
-    """A sync websocket client in the room, and the history frame it got first.
+    """A sync websocket client in the room, and the history it got first (all its pieces).
 
     max_queue=None: it reads everything the server sends at once, so a test that leaves
     frames unread does not look like a slow reader to the server.
     """
     with connect(ws_url(servers, **query), open_timeout=5, max_queue=None) as ws:
-        yield ws, receive(ws, "history")
+        yield ws, receive_history(ws)
+
+
+def receive_history(ws):
+    """The history pieces as one frame: the last piece's fields, every piece's messages."""
+    history = receive(ws, "history")
+    while history["more"]:
+        piece = receive(ws, "history")
+        history = {**piece, "messages": history["messages"] + piece["messages"]}
+    return history
 
 
 # --- HTTP routes -----------------------------------------------------------------------
@@ -348,16 +358,26 @@ def presence_changes(ws, until):
 
 
 def test_presence_on_join_rename_and_leave(server):
-    with joined(server, name="alice") as (alice, _):
+    with joined(server, name="alice") as (alice, history):
+        assert history["online"] == []  # who was there before her
         joined_alone = receive(alice, "presence")
-        assert joined_alone == {"type": "presence", "online": ["alice"], "joined": "alice", "changes": [{"joined": "alice"}]}
-        with joined(server, name="bob") as (bob, _):
+        assert joined_alone == {"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}
+        with joined(server, name="bob") as (bob, bobs_history):
             bob.send(json.dumps({"type": "name", "name": "robert"}))
-            changes, frame = presence_changes(alice, until=lambda changes: len(changes) == 2)
+            changes, _ = presence_changes(alice, until=lambda changes: len(changes) == 2)
             assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
-            assert frame["online"] == ["alice", "robert"]
+            assert bobs_history["online"] == ["alice"]
         left = receive(alice, "presence")
-        assert left["online"] == ["alice"] and left["left"] == "robert"
+        assert left["left"] == "robert" and "online" not in left
+
+
+def test_history_online_and_the_presence_changes_after_it_add_up_to_who_is_there(server):
+    with joined(server, name="alice") as (alice, _):
+        receive(alice, "presence")  # her join went out: the next changes wait up to 0.25 s
+        with joined(server, name="bob"), joined(server, name="carol") as (carol, history):
+            changes, _ = presence_changes(carol, until=lambda changes: {"joined": "carol"} in changes)
+            online = history["online"] + [change["joined"] for change in changes]
+            assert sorted(online) == ["alice", "bob", "carol"]  # bob's join was still waiting: once
 
 
 def test_a_burst_of_joins_is_sent_as_few_presence_frames(server):
@@ -588,9 +608,9 @@ def test_stop_closes_clients_with_1001_and_leaves_no_thread_or_socket():
 class ChatProcess:
     """`python chat.py ARGS` in a subprocess, with its printed ports read back."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, **popen):
         self.process = subprocess.Popen(
-            [sys.executable, str(CHAT_PY), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, str(CHAT_PY), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
         )
         self.lines = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -617,8 +637,8 @@ class ChatProcess:
 def chat_process():
     started = []
 
-    def start(*args):
-        started.append(ChatProcess(*args))
+    def start(*args, **popen):
+        started.append(ChatProcess(*args, **popen))
         return started[-1]
 
     yield start
@@ -749,6 +769,8 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
                 elif frame["type"] == "presence":
                     left += [change["left"] for change in frame["changes"] if "left" in change]
         assert ids == list(range(1, total + 1))
+        while not left:  # the leave may come after the last batch: presence waits up to 0.25 s
+            left += [change["left"] for change in receive(reader, "presence")["changes"] if "left" in change]
         assert left == ["silent"]
         assert get(server.port, "/health")[1]["clients"] == 1
     assert peak[0] <= chat.MAX_QUEUED + 4096  # what the server held for the silent one stayed bounded
@@ -801,8 +823,8 @@ def test_length_is_counted_in_characters_not_bytes(server):
         ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
         assert len(receive(ws, "message")["text"]) == 2000
         ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
-        _, frame = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
-        assert frame["online"] == ["😀" * 32]
+        changes, _ = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
+        assert changes[-1]["renamed"]["to"] == "😀" * 32
 
 
 @pytest.mark.parametrize(
@@ -1012,7 +1034,7 @@ def test_benchmark_quick_run_completes_and_loses_nothing(tmp_path):
     assert "| fan-out throughput, 100 receivers" in bench.stdout
     assert "Lost, duplicated or reordered deliveries in all runs: 0" in bench.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory"}
+    assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory", "resume"}
 
 
 # --- Scaling out: two chat.py processes, one room in Redis ------------------------------
@@ -1166,6 +1188,246 @@ def test_the_default_chat_does_not_import_redis():
     code = "import sys, chat; s = chat.Servers(port=0, ws_port=0); s.stop(); print('redis' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=CHAT_PY.parent)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# --- Under load and hostile clients: big resumes, many connections, slow HTTP -----------
+
+
+def seed_big(count):
+    """`count` messages of 2000 emoji (8 KB each), straight into the room."""
+
+    async def post_all():
+        for _ in range(count):
+            await chat.room.post("big", "😀" * 2000)
+
+    chat.ask_room(post_all())
+
+
+def wait_until(condition, timeout=10, what="the condition"):
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{what} never came true within {timeout} s")
+
+
+def server_waits_for_a_client(servers):
+    """True when the server holds back writes to some client because it does not read."""
+
+    async def any_paused():
+        return any(connection.paused for connection in servers.ws_server.all_connections)
+
+    return asyncio.run_coroutine_threadsafe(any_paused(), servers.loop).result(5)
+
+
+def server_connections(servers):
+    async def count():
+        return len(servers.ws_server.all_connections)
+
+    return asyncio.run_coroutine_threadsafe(count(), servers.loop).result(5)
+
+
+@pytest.fixture
+def big_room():
+    """A room keeping 2000 messages of 8 KB, 16 MB: more than the kernel's socket buffers
+    (4 MB here) and the 1 MiB write limit together."""
+    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    seed_big(2000)
+    yield servers
+    servers.stop()
+
+
+@contextlib.contextmanager
+def stalled_resume(servers):
+    """A client resuming with since=0 that does not read until the server waits for it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", servers.ws_port))
+    with connect(ws_url(servers, since=0), sock=sock, open_timeout=5, close_timeout=1, max_queue=1) as ws:
+        wait_until(lambda: server_waits_for_a_client(servers), what="the server waiting for the reader")
+        yield ws
+
+
+def test_a_history_bigger_than_the_write_limit_comes_in_bounded_pieces(server):
+    seed_big(600)  # 4.8 MB: once a single frame, past the 1 MiB limit, and the client was dropped
+    with connect(ws_url(server, since=0), open_timeout=5, max_queue=None) as ws:
+        pieces = []
+        while not pieces or pieces[-1]["more"]:
+            frame = ws.recv(timeout=10)
+            assert len(frame.encode()) < chat.MAX_QUEUED
+            pieces.append(json.loads(frame))
+    assert all(piece["type"] == "history" for piece in pieces)
+    assert [piece["more"] for piece in pieces] == [True] * (len(pieces) - 1) + [False]
+    assert [m["id"] for piece in pieces for m in piece["messages"]] == list(range(1, 601))
+
+
+def test_a_resuming_client_that_reads_slowly_is_waited_for_not_dropped(big_room):
+    with stalled_resume(big_room) as ws:
+        history = receive_history(ws)
+        assert [m["id"] for m in history["messages"]] == list(range(1, 2001))
+        ws.send("still connected")
+        assert receive(ws, "message")["id"] == 2001
+
+
+def test_messages_posted_while_a_client_catches_up_reach_it_once_in_order(big_room):
+    with stalled_resume(big_room) as ws:
+        for n in range(5):
+            post(big_room.port, "/messages", {"text": f"meanwhile {n}"})
+        ids = [m["id"] for m in receive_history(ws)["messages"]]
+        post(big_room.port, "/messages", {"text": "after"})
+        ids.append(receive(ws, "message")["id"])
+    assert ids == list(range(1, 2007))
+
+
+def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(monkeypatch):
+    monkeypatch.setattr(chat, "PING_TIMEOUT", 0.5)  # 20 s in real life
+    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    try:
+        seed_big(2000)
+        with stalled_resume(servers):
+            wait_until(lambda: not server_connections(servers), timeout=5, what="the stalled client dropped")
+        wait_for_health(servers.port, clients=0)  # it never joined the room
+    finally:
+        servers.stop()
+
+
+def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
+    for n in range(1, 6):
+        post(small_server.port, "/messages", {"text": f"m{n}"})
+    ids = lambda since: [m["id"] for m in get(small_server.port, f"/messages?since={since}")[1]["messages"]]
+    assert (ids(0), ids(1), ids(3), ids(4), ids(5), ids(99)) == ([3, 4, 5], [3, 4, 5], [4, 5], [5], [], [])
+
+
+def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CLIENTS", 3)
+    servers = chat.Servers("127.0.0.1", 0, 0)
+    try:
+        with contextlib.ExitStack() as stack:
+            first = stack.enter_context(joined(servers))[0]
+            for _ in range(2):
+                stack.enter_context(joined(servers))
+            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+                with connect(ws_url(servers), open_timeout=5):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert b"full" in refused.value.response.body
+            assert request(servers.port, "GET", "/")[0] == 200
+            assert get(servers.port, "/health")[0] == 200
+            first.close()
+            wait_for_health(servers.port, clients=2)
+            with joined(servers) as (_, history):  # a place is free again
+                assert history["type"] == "history"
+    finally:
+        servers.stop()
+
+
+def fd_limit(soft, hard):
+    """For preexec_fn: `python chat.py` starts with these descriptor limits."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", preexec_fn=fd_limit(100, 300))
+    process.urls()
+    limits = Path(f"/proc/{process.process.pid}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    assert (soft, hard) == ("300", "300")
+
+
+def test_connections_that_never_handshake_cannot_take_the_descriptors_http_needs(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", preexec_fn=fd_limit(128, 128))
+    process.urls()
+    raw = []
+    try:
+        for _ in range(150):  # more than the 128 descriptors chat.py has
+            raw.append(socket.create_connection(("127.0.0.1", process.ws_port), timeout=5))
+        # Before open_timeout (5 s) could free any: those past the cap are closed at once.
+        wait_until(lambda: sum(map(closed_by_server, raw)) >= 100, timeout=3, what="100 closed at once")
+        connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=3)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        for sock in raw:
+            sock.close()
+
+
+def closed_by_server(sock):
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read
+    except ConnectionResetError:
+        return True
+
+
+def test_a_handshake_that_never_completes_is_closed_quickly(monkeypatch):
+    monkeypatch.setattr(chat, "OPEN_TIMEOUT", 0.5)  # 5 s in real life; websockets' default is 10
+    servers = chat.Servers("127.0.0.1", 0, 0)
+    try:
+        with socket.create_connection(("127.0.0.1", servers.ws_port), timeout=3) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+            assert sock.recv(1024) == b""  # closed by the server; a timeout fails the test
+    finally:
+        servers.stop()
+
+
+def test_a_few_hundred_idle_or_trickling_http_connections_do_not_lock_others_out(server):
+    idle = []
+    try:
+        for n in range(300):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            if n % 3 == 0:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a request that trickles in
+            idle.append(sock)
+        assert request(server.port, "GET", "/")[0] == 200
+        assert post(server.port, "/messages", {"text": "still posting"})[0] == 201
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "content_type, status",
+    [("multipart/form-data", 400), ("multipart/form-data; boundary=", 400),
+     ("application/xml", 415), ("image/png", 415), ("application/octet-stream", 415)],
+)
+def test_a_body_the_chat_cannot_read_is_a_415_or_400_with_the_json_error(server, content_type, status):
+    got, answer_type, body = request(server.port, "POST", "/messages", b"text=hi", content_type)
+    assert (got, answer_type) == (status, "application/json; charset=utf-8")
+    assert json.loads(body)["errors"]["body"]
+    assert get(server.port, "/messages")[1]["messages"] == []
+
+
+def test_a_multipart_form_with_a_boundary_is_read(server):
+    body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nfrom a form\r\n--b--\r\n'
+    status, _, data = request(server.port, "POST", "/messages", body, "multipart/form-data; boundary=b")
+    assert status == 201 and json.loads(data)["text"] == "from a form"
+
+
+def test_a_handshake_with_a_bad_host_is_a_400_and_logs_nothing(server, caplog):
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as sock:
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            assert sock.recv(1024).startswith(b"HTTP/1.1 400")
+    assert [r for r in caplog.records if r.levelno >= 30] == []
+
+
+def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
+    chat.log_repeated_errors_once()
+    token = os.urandom(4).hex()  # a message no earlier test logged
+    for _ in range(100):
+        logging.getLogger("waitress").warning(f"server accept() threw an exception {token}")
+    logging.getLogger("asyncio").error(f"socket.accept() out of system resource {token}")
+    assert [r.getMessage() for r in caplog.records if token in r.getMessage()] == [
+        f"server accept() threw an exception {token}", f"socket.accept() out of system resource {token}"]
+
 
 
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
