@@ -1167,6 +1167,84 @@ def test_the_default_chat_does_not_import_redis():
     assert result.stdout.strip() == "False", result.stderr
 
 
+# --- The page's promises, server side: a message's ref, the heartbeat ---------------------
+
+
+def test_a_repeated_ref_gets_the_stored_message_back_and_stores_nothing(server):
+    with joined(server) as (ws, _), joined(server) as (other, _):
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "r1"}))
+        first = receive(ws, "message")
+        assert first["ref"] == "r1" and receive(other, "message") == first
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "r1"}))
+        assert receive(ws, "message") == first  # the same message again, to the sender only
+        ws.send(json.dumps({"type": "message", "text": "next", "ref": "r2"}))
+        assert receive(other, "message")["text"] == "next"  # not "once" a second time
+    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["once", "next"]
+
+
+@pytest.mark.parametrize("path", ["/messages", "/send_message"])
+def test_a_repeated_ref_over_http_answers_200_with_the_stored_message(server, path):
+    status, first = post(server.port, path, {"text": "hello", "ref": "abc"})
+    assert status == 201 and first["ref"] == "abc"
+    assert post(server.port, path, {"text": "hello", "ref": "abc"}) == (200, first)
+    assert len(get(server.port, "/messages")[1]["messages"]) == 1
+
+
+@pytest.mark.parametrize("ref", ["", "x" * 65, 7, ["a"]])
+def test_a_bad_ref_is_refused_naming_the_rule(server, ref):
+    status, body = post(server.port, "/messages", {"text": "hi", "ref": ref})
+    assert status == 400 and "ref must be a string of 1 to 64 characters" in body["errors"]["ref"]
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "hi", "ref": ref}))
+        assert receive(ws, "error")["error"] == "ref must be a string of 1 to 64 characters"
+    assert get(server.port, "/messages")[1]["messages"] == []
+
+
+def test_an_error_frame_carries_the_ref_of_the_message_it_refuses(server):
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "x" * 2001, "ref": "too-long"}))
+        assert receive(ws, "error")["ref"] == "too-long"
+
+
+def test_a_ref_is_forgotten_with_its_message(small_server):
+    post(small_server.port, "/messages", {"text": "old", "ref": "r"})
+    for n in range(3):  # the room keeps 3: "old" and its ref are gone
+        post(small_server.port, "/messages", {"text": f"new {n}"})
+    assert post(small_server.port, "/messages", {"text": "again", "ref": "r"})[0] == 201
+    assert len(chat.room.refs) == 1
+
+
+def frames_but_presence(ws, count):
+    frames = []
+    while len(frames) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        if frame["type"] != "presence":
+            frames.append(frame)
+    return frames
+
+
+def test_ping_gets_a_pong_and_is_not_counted_as_a_message(server):
+    with joined(server) as (ws, _):
+        for _ in range(60):  # three times the burst of messages
+            ws.send(json.dumps({"type": "ping"}))
+        answers = [frame["type"] for frame in frames_but_presence(ws, 60)]
+        assert answers == ["pong"] * 60
+        ws.send("still allowed")
+        assert receive(ws, "message")["text"] == "still allowed"
+
+
+def test_redis_a_ref_sent_again_to_the_other_process_is_stored_once(two_processes):
+    a, b = two_processes
+    status, first = post(a.port, "/messages", {"text": "once", "ref": "shared"})
+    assert status == 201
+    assert post(b.port, "/messages", {"text": "once", "ref": "shared"}) == (200, first)
+    with connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as ws:
+        receive(ws, "history")
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "shared"}))
+        assert receive(ws, "message") == first
+    assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["once"]
+
+
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
 # Last in the file: Playwright's sync API keeps its own event loop for the session.
 
