@@ -1278,12 +1278,15 @@ def open_page(browser):
 
     contexts, problems = [], []
 
-    def open_as(port, name=None, clock=False, **context_options):
-        """`clock`: Playwright's clock, to move the page's timers on; `context_options`: a viewport, say."""
+    def open_as(port, name=None, clock=False, prepare=None, online=True, **context_options):
+        """`clock`: Playwright's clock, to move the page's timers on; `prepare(context)`: routes to
+        set up before the page loads; `context_options`: a viewport, say."""
         context = browser.new_context(**context_options)
         contexts.append(context)
         if clock:
             context.clock.install()
+        if prepare:
+            prepare(context)
         if name:
             context.add_init_script(f"localStorage.setItem('chat-name', {json.dumps(name)})")
         page = context.new_page()
@@ -1292,7 +1295,8 @@ def open_page(browser):
         page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.goto(f"http://127.0.0.1:{port}/")
-        expect(page.locator("#status")).to_have_text("online")
+        if online:
+            expect(page.locator("#status")).to_have_text("online")
         return page
 
     yield open_as
@@ -1677,6 +1681,18 @@ def test_browser_shows_a_new_messages_button_when_scrolled_up(server, open_page)
     expect(button).to_be_hidden()
 
 
+def test_browser_always_shows_ones_own_message_even_when_scrolled_up(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(50)
+    page = open_page(server.port)
+    expect(texts(page)).to_have_count(50)
+    page.locator("#log").evaluate("log => log.scrollTop = 0")
+    say(page, "mine")
+    expect(texts(page).last).to_have_text("mine")
+    expect(texts(page).last).to_be_in_viewport()
+
+
 def test_browser_counts_unread_messages_in_the_title_while_hidden(server, open_page):
     from playwright.sync_api import expect
 
@@ -1812,3 +1828,42 @@ def test_browser_inputs_have_a_border_contrast_of_at_least_3(server, open_page, 
 def test_browser_status_is_read_as_a_word_without_a_bullet(server, open_page):
     page = open_page(server.port)
     assert page.locator("#status").aria_snapshot() == "- status: online"
+
+
+def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(server, open_page):
+    """Frames in their new form (history pieces with `more` and `online`, presence with only
+    `changes`) from a scripted websocket where /config's `ws_path` points."""
+    from playwright.sync_api import expect
+
+    sockets = []
+
+    def prepare(context):
+        def config(route):
+            answer = route.fetch().json()
+            route.fulfill(json={**answer, "ws_path": "/ws"})
+
+        context.route("**/config", config)
+        context.route_web_socket("**/ws?*", lambda ws: sockets.append(ws))
+
+    page = open_page(server.port, "alice", prepare=prepare, online=False)
+    for _ in range(100):  # Playwright calls the route while the test waits on the page
+        if sockets:
+            break
+        page.wait_for_timeout(50)
+    ws = sockets[0]
+    assert ws.url.startswith(f"ws://127.0.0.1:{server.port}/ws?")
+    message = lambda n: {"type": "message", "id": n, "name": "bob", "text": f"m{n}", "ts": "2026-11-23T14:05:09.123Z"}  # noqa: E731
+    first = {"type": "history", "room": "r", "name": "alice", "messages": [message(1), message(2)], "more": True,
+             "online": ["carol", "bob"]}
+    ws.send(json.dumps(first))
+    expect(texts(page)).to_have_text(["m1", "m2"])
+    expect(page.locator("#status")).not_to_have_text("online")  # not before the last piece
+    ws.send(json.dumps({"type": "history", "room": "r", "name": "alice", "messages": [message(3)], "more": False}))
+    expect(page.locator("#status")).to_have_text("online")
+    ws.send(json.dumps({"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}))
+    expect(page.locator("#online li")).to_have_text(["alice", "bob", "carol"])
+    changes = [{"left": "bob"}, {"renamed": {"from": "carol", "to": "caroline"}}, {"joined": "dave"}]
+    ws.send(json.dumps({"type": "presence", "changes": changes}))
+    expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
+    expect(page.locator("#online-count")).to_have_text("3 online")
+    expect(texts(page)).to_have_text(["m1", "m2", "m3"])
