@@ -1448,6 +1448,8 @@ class Relay:
         self.port = self.listener.getsockname()[1]
         self.closing = threading.Event()
         self.sockets, self.silences, self.threads = [], [], []
+        self.silent_from_the_start = False
+        self.accepted = threading.Semaphore(0)  # released once per connection carried
         self.start(self.accept)
 
     def start(self, target, *args):
@@ -1463,10 +1465,14 @@ class Relay:
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             to_server, to_page = threading.Event(), threading.Event()
+            if self.silent_from_the_start:
+                to_server.set()
+                to_page.set()
             self.sockets += [client, upstream]
             self.silences.append((to_server, to_page))
             self.start(self.pump, client, upstream, to_server)
             self.start(self.pump, upstream, client, to_page)
+            self.accepted.release()
 
     def pump(self, source, sink, silent):
         with contextlib.suppress(OSError):
@@ -1481,6 +1487,9 @@ class Relay:
                 towards_server.set()
             if to_page:
                 towards_page.set()
+
+    def wait_for_connection(self):
+        assert self.accepted.acquire(timeout=10), "no new connection came through the relay"
 
     def close(self):
         self.closing.set()
@@ -1538,6 +1547,22 @@ def test_browser_notices_a_silent_connection_and_sends_what_was_pending_once(ser
     expect(page.locator("#status")).to_have_text("online")
     assert "reconnecting…" in page.evaluate("statuses")
     assert stored_texts(server) == ["through the gap"]
+
+
+def test_browser_gives_up_a_connection_that_never_opens_and_tries_again(server, relay, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", clock=True)
+    relay.wait_for_connection()
+    relay.silent_from_the_start = True  # a proxy that takes connections and never answers
+    relay.go_silent()
+    page.clock.run_for(30_000)
+    expect(page.locator("#status")).to_have_text("reconnecting…")
+    relay.wait_for_connection()  # the next attempt hangs in its opening handshake
+    relay.silent_from_the_start = False
+    page.clock.run_for(30_000)
+    relay.wait_for_connection()  # given up, and tried again
+    expect(page.locator("#status")).to_have_text("online")
 
 
 def test_browser_keeps_what_is_typed_while_offline_and_sends_it_when_back(server, open_page):
