@@ -1897,3 +1897,12 @@ def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(s
     expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
     expect(page.locator("#online-count")).to_have_text("3 online")
     expect(texts(page)).to_have_text(["m1", "m2", "m3"])
+
+
+def test_page_benchmark_runs_and_reports_each_level(browser):
+    import bench_page
+
+    costs = bench_page.per_append(browser, [50, 100])
+    assert sorted(costs) == [50, 100] and all(cost > 0 for cost in costs.values())
+    lag = bench_page.lag(browser, rate=100, seconds=1)
+    assert lag["behind_at_end_s"] <= lag["worst_lag_s"]
