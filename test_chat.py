@@ -1630,11 +1630,13 @@ def test_browser_keeps_a_bounded_number_of_messages_and_loads_older_ones(server,
     from playwright.sync_api import expect
 
     page = open_page(server.port)
+    older = page.get_by_role("button", name="Load older messages")
+    expect(older).to_be_hidden()  # nothing older than nothing
     seed(700)
     expect(texts(page).last).to_have_text("m700")
     shown = texts(page).count()
     assert shown <= 300
-    page.get_by_role("button", name="Load older messages").click()
+    older.click()
     expect(texts(page)).to_have_count(shown + 100)
     assert texts(page).first.text_content() == f"m{700 - shown - 99}"
 
