@@ -61,6 +61,7 @@ except ImportError:
 PAGE = Path(__file__).with_name("chat.html")
 MAX_TEXT = 2000  # characters, after trimming white space
 MAX_NAME = 32
+MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
 MAX_BODY = 64 * 1024  # bytes; a bigger HTTP body is refused by waitress (413)
 MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
@@ -127,6 +128,19 @@ def trimmed(value, field, limit):
     return value
 
 
+def clean_ref(value):
+    """A client's own id for a message, or None: the page sends it again after a reconnect."""
+    if value is None:
+        return None
+    if not is_ref(value):
+        raise BadInput(f"ref must be a string of 1 to {MAX_REF} characters")
+    return value
+
+
+def is_ref(value):
+    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
+
+
 def whole_number(text, low, high):
     """`text` as a whole number from `low` to `high`, else None.
 
@@ -174,6 +188,7 @@ class Room:
         self.ws_port = ws_port
         self.id = secrets.token_hex(8)  # changes on restart, so clients know ids began again
         self.messages = collections.deque(maxlen=history)
+        self.refs = {}  # ref -> the kept message that carries it
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
@@ -186,16 +201,27 @@ class Room:
         self.guests += 1
         return f"guest-{self.guests}"
 
-    async def post(self, name, text):
-        """Store a message and send it to everyone; returns the stored message.
+    async def post(self, name, text, ref=None):
+        """Store a message and send it to everyone; returns the stored message and True.
 
-        It awaits nothing here. The Redis room (redis_room.py) stores it in Redis instead,
-        and every process delivers it when Redis publishes it.
+        A `ref` the room still keeps means the client sent this message before (its
+        connection dropped before the answer came): returns the stored one and False, and
+        stores nothing. It awaits nothing here. The Redis room (redis_room.py) stores it in
+        Redis instead, and every process delivers it when Redis publishes it.
         """
-        return self.deliver({"type": "message", "id": self.last_id + 1, "name": name, "text": text, "ts": utc_now()})
+        if ref in self.refs:
+            return self.refs[ref], False
+        message = {"type": "message", "id": self.last_id + 1, "name": name, "text": text, "ts": utc_now()}
+        if ref is not None:
+            message["ref"] = ref
+        return self.deliver(message), True
 
     def deliver(self, message):
         """Keep a message and send it to everyone connected here, in id order."""
+        if len(self.messages) == self.messages.maxlen:  # the oldest is dropped: so is its ref
+            self.refs.pop(self.messages[0].get("ref"), None)
+        if "ref" in message:
+            self.refs[message["ref"]] = message
         self.last_id = message["id"]
         self.messages.append(message)
         self.send_to_all(message)
@@ -416,18 +442,23 @@ async def chat(connection):
             await send_error(connection, error)
         bucket = TokenBucket()
         async for frame in connection:
+            data = {}
             try:
+                data = read_frame(frame)
+                if data.get("type") == "ping":
+                    await connection.send(json.dumps({"type": "pong"}))  # the page's heartbeat: not a message
+                    continue
                 if not bucket.take():
                     raise TooFast()
-                await handle_frame(connection, frame)
+                await handle_frame(connection, data)
             except (BadInput, RoomUnavailable) as error:
-                await send_error(connection, str(error))
+                await send_error(connection, str(error), data.get("ref"))
     finally:
         room.leave(connection)
 
 
-async def handle_frame(connection, frame):
-    """Act on one frame from a client; a frame that is not a JSON object is a message's text."""
+def read_frame(frame):
+    """A frame as a dict; a frame that is not a JSON object is a message's text."""
     if isinstance(frame, bytes):
         raise BadInput("binary frames are not accepted: send text")
     try:
@@ -435,17 +466,33 @@ async def handle_frame(connection, frame):
     except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
-        await room.post(room.clients[connection], clean_text(frame))
-    elif data.get("type") == "message":
-        await room.post(room.clients[connection], clean_text(data.get("text")))
+        return {"type": "message", "text": frame}
+    return data
+
+
+async def handle_frame(connection, data):
+    """Act on one frame from a client."""
+    if data.get("type") == "message":
+        await post_from(connection, clean_text(data.get("text")), clean_ref(data.get("ref")))
     elif data.get("type") == "name":
         room.rename(connection, clean_name(data.get("name")))
     else:
-        raise BadInput(f"unknown type: {str(data.get('type'))[:40]!r} (use 'message' or 'name')")
+        raise BadInput(f"unknown type: {str(data.get('type'))[:40]!r} (use 'message', 'name' or 'ping')")
 
 
-async def send_error(connection, error):
-    await connection.send(json.dumps({"type": "error", "error": error}))
+async def post_from(connection, text, ref):
+    """Post for one client; a repeated ref gets the stored message again, to this client only."""
+    message, stored_now = await room.post(room.clients[connection], text, ref)
+    if not stored_now:
+        await connection.send(json.dumps(message, ensure_ascii=False))
+
+
+async def send_error(connection, error, ref=None):
+    """The error, with the `ref` of the message it refuses, so the page knows which one."""
+    frame = {"type": "error", "error": error}
+    if is_ref(ref):
+        frame["ref"] = ref
+    await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
 async def route(connection):
@@ -667,23 +714,28 @@ def get_messages(since: since_type = 0, limit: limit_type = 100):
 
 
 @hug.post("/messages", api=api, status=hug.HTTP_201)
-def post_message(request, response, text: clean_text, name: clean_name = None):
-    """Store and broadcast a message; answers 201 and the stored message."""
-    return add_http_message(request, response, name, text)
+def post_message(request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None):
+    """Store and broadcast a message; answers 201 and the stored message (200 for a repeated ref)."""
+    return add_http_message(request, response, name, text, ref)
 
 
 @hug.post("/send_message", api=api, status=hug.HTTP_201)
-def send_message(request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None):
+def send_message(
+    request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None, ref: clean_ref = None
+):
     """The seed tutorial's name for POST /messages, which called the text `message`."""
     if text is None and message is None:
         response.status = hug.HTTP_400
         return {"errors": {"text": "Required parameter 'text' not supplied"}}
-    return add_http_message(request, response, name, text or message)
+    return add_http_message(request, response, name, text or message, ref)
 
 
-def add_http_message(request, response, name, text):
+def add_http_message(request, response, name, text, ref):
     try:
-        return ask_room(post_in_room(request.remote_addr, name, text))
+        message, stored_now = ask_room(post_in_room(request.remote_addr, name, text, ref))
+        if not stored_now:
+            response.status = hug.HTTP_200  # stored before, under this ref: nothing new
+        return message
     except TooFast as error:
         response.status = hug.HTTP_429
         response.set_header("Retry-After", "1")
@@ -693,9 +745,9 @@ def add_http_message(request, response, name, text):
         return {"errors": {"room": str(error)}}
 
 
-async def post_in_room(address, name, text):
+async def post_in_room(address, name, text, ref):
     room.check_http_rate(address)
-    return await room.post(name or room.guest_name(), text)
+    return await room.post(name or room.guest_name(), text, ref)
 
 
 @hug.get("/health", api=api)

@@ -16,6 +16,9 @@ in id order. One task per process reads the subscription and delivers in that or
 after a gap (Redis was away, or a reconnect), it first delivers what it missed from the
 list. If Redis comes back without its data, ids go on from where this process was, so no
 id is used twice. Presence (who is online) and guest numbers are per process.
+
+A message's `ref` is looked up and kept in the same script (a hash from ref to message,
+pruned with the list), so a message sent again to another process is still stored once.
 """
 
 import asyncio
@@ -27,19 +30,35 @@ import redis.asyncio as redis
 import chat
 
 ROOM_ID, LAST_ID, MESSAGES, CHANNEL = "chat:room", "chat:last_id", "chat:messages", "chat:messages"
+REFS = "chat:refs"
 
-# KEYS: LAST_ID, MESSAGES, CHANNEL, ROOM_ID; ARGV: the message's JSON before and after its id,
-# and how many messages to keep. Returns the stored message, or nil if Redis lost the room.
+# KEYS: LAST_ID, MESSAGES, CHANNEL, ROOM_ID, REFS; ARGV: the message's JSON before and after
+# its id, how many messages to keep, and its ref ("" for none). Returns {1, the stored
+# message}, {0, the message stored before with this ref}, or nil if Redis lost the room.
 STORE_AND_PUBLISH = """
 if redis.call('EXISTS', KEYS[4]) == 0 then
     return false
 end
+if ARGV[4] ~= '' then
+    local stored = redis.call('HGET', KEYS[5], ARGV[4])
+    if stored then
+        return {0, stored}
+    end
+end
 local id = redis.call('INCR', KEYS[1])
 local message = ARGV[1] .. id .. ARGV[2]
 redis.call('RPUSH', KEYS[2], message)
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[5], ARGV[4], message)
+end
+while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do
+    local ref = cjson.decode(redis.call('LPOP', KEYS[2]))['ref']
+    if ref then
+        redis.call('HDEL', KEYS[5], ref)
+    end
+end
 redis.call('PUBLISH', KEYS[3], message)
-return message
+return {1, message}
 """
 
 RESTORE = """
@@ -86,17 +105,24 @@ class RedisRoom(chat.Room):
         room_id = await self.restore_script(keys=[ROOM_ID, LAST_ID], args=[self.id, self.last_id])
         self.id = room_id.decode()
 
-    async def post(self, name, text):
-        """Store in Redis; the message reaches everyone here when Redis publishes it."""
+    async def post(self, name, text, ref=None):
+        """Store in Redis; the message reaches everyone here when Redis publishes it.
+
+        Returns the stored message and True, or for a repeated ref the one stored before and False.
+        """
         message = {"type": "message", "id": 0, "name": name, "text": text, "ts": chat.utc_now()}
+        if ref is not None:
+            message["ref"] = ref
         before, after = json.dumps(message, ensure_ascii=False).split('"id": 0', 1)
         try:
             for _ in range(2):
                 stored = await self.store_and_publish(
-                    keys=[LAST_ID, MESSAGES, CHANNEL, ROOM_ID], args=[before + '"id": ', after, self.history_size]
+                    keys=[LAST_ID, MESSAGES, CHANNEL, ROOM_ID, REFS],
+                    args=[before + '"id": ', after, self.history_size, ref or ""],
                 )
                 if stored is not None:
-                    return json.loads(stored)
+                    stored_now, stored_message = stored
+                    return json.loads(stored_message), stored_now == 1
                 await self.restore()  # the room's keys are gone: Redis restarted without its data
         except (redis.RedisError, OSError):
             pass

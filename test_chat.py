@@ -1430,6 +1430,84 @@ def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
 
 
 
+# --- The page's promises, server side: a message's ref, the heartbeat ---------------------
+
+
+def test_a_repeated_ref_gets_the_stored_message_back_and_stores_nothing(server):
+    with joined(server) as (ws, _), joined(server) as (other, _):
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "r1"}))
+        first = receive(ws, "message")
+        assert first["ref"] == "r1" and receive(other, "message") == first
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "r1"}))
+        assert receive(ws, "message") == first  # the same message again, to the sender only
+        ws.send(json.dumps({"type": "message", "text": "next", "ref": "r2"}))
+        assert receive(other, "message")["text"] == "next"  # not "once" a second time
+    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["once", "next"]
+
+
+@pytest.mark.parametrize("path", ["/messages", "/send_message"])
+def test_a_repeated_ref_over_http_answers_200_with_the_stored_message(server, path):
+    status, first = post(server.port, path, {"text": "hello", "ref": "abc"})
+    assert status == 201 and first["ref"] == "abc"
+    assert post(server.port, path, {"text": "hello", "ref": "abc"}) == (200, first)
+    assert len(get(server.port, "/messages")[1]["messages"]) == 1
+
+
+@pytest.mark.parametrize("ref", ["", "x" * 65, 7, ["a"]])
+def test_a_bad_ref_is_refused_naming_the_rule(server, ref):
+    status, body = post(server.port, "/messages", {"text": "hi", "ref": ref})
+    assert status == 400 and "ref must be a string of 1 to 64 characters" in body["errors"]["ref"]
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "hi", "ref": ref}))
+        assert receive(ws, "error")["error"] == "ref must be a string of 1 to 64 characters"
+    assert get(server.port, "/messages")[1]["messages"] == []
+
+
+def test_an_error_frame_carries_the_ref_of_the_message_it_refuses(server):
+    with joined(server) as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "x" * 2001, "ref": "too-long"}))
+        assert receive(ws, "error")["ref"] == "too-long"
+
+
+def test_a_ref_is_forgotten_with_its_message(small_server):
+    post(small_server.port, "/messages", {"text": "old", "ref": "r"})
+    for n in range(3):  # the room keeps 3: "old" and its ref are gone
+        post(small_server.port, "/messages", {"text": f"new {n}"})
+    assert post(small_server.port, "/messages", {"text": "again", "ref": "r"})[0] == 201
+    assert len(chat.room.refs) == 1
+
+
+def frames_but_presence(ws, count):
+    frames = []
+    while len(frames) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        if frame["type"] != "presence":
+            frames.append(frame)
+    return frames
+
+
+def test_ping_gets_a_pong_and_is_not_counted_as_a_message(server):
+    with joined(server) as (ws, _):
+        for _ in range(60):  # three times the burst of messages
+            ws.send(json.dumps({"type": "ping"}))
+        answers = [frame["type"] for frame in frames_but_presence(ws, 60)]
+        assert answers == ["pong"] * 60
+        ws.send("still allowed")
+        assert receive(ws, "message")["text"] == "still allowed"
+
+
+def test_redis_a_ref_sent_again_to_the_other_process_is_stored_once(two_processes):
+    a, b = two_processes
+    status, first = post(a.port, "/messages", {"text": "once", "ref": "shared"})
+    assert status == 201
+    assert post(b.port, "/messages", {"text": "once", "ref": "shared"}) == (200, first)
+    with connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as ws:
+        receive(ws, "history")
+        ws.send(json.dumps({"type": "message", "text": "once", "ref": "shared"}))
+        assert receive(ws, "message") == first
+    assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["once"]
+
+
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
 # Last in the file: Playwright's sync API keeps its own event loop for the session.
 
@@ -1463,9 +1541,15 @@ def open_page(browser):
 
     contexts, problems = [], []
 
-    def open_as(port, name=None):
-        context = browser.new_context()
+    def open_as(port, name=None, clock=False, prepare=None, online=True, **context_options):
+        """`clock`: Playwright's clock, to move the page's timers on; `prepare(context)`: routes to
+        set up before the page loads; `context_options`: a viewport, say."""
+        context = browser.new_context(**context_options)
         contexts.append(context)
+        if clock:
+            context.clock.install()
+        if prepare:
+            prepare(context)
         if name:
             context.add_init_script(f"localStorage.setItem('chat-name', {json.dumps(name)})")
         page = context.new_page()
@@ -1474,7 +1558,8 @@ def open_page(browser):
         page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.goto(f"http://127.0.0.1:{port}/")
-        expect(page.locator("#status")).to_have_text("online")
+        if online:
+            expect(page.locator("#status")).to_have_text("online")
         return page
 
     yield open_as
@@ -1514,6 +1599,7 @@ def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
     attacks = ['<img src=x onerror="window.pwned=1">', "<script>window.pwned=1</script>", "<b>bold</b>"]
     for attack in attacks:
         say(page, attack)
+    expect(texts(page)).to_have_text(attacks)  # stored, before the post below
     post(server.port, "/messages", {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"})
     expect(texts(page)).to_have_text(attacks + ["<svg onload=alert(1)>"])
     assert page.locator("#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i").count() == 0
@@ -1546,15 +1632,9 @@ def test_browser_shows_server_errors_next_to_the_input(server, open_page):
     from playwright.sync_api import expect
 
     page = open_page(server.port)
-    page.evaluate("""() => {
-        const form = document.getElementById("chat-form");
-        for (let n = 0; n < 30; n++) {
-            document.getElementById("message-input").value = "burst " + n;
-            form.requestSubmit();
-        }
-    }""")
-    expect(page.locator("#chat-error")).to_contain_text("too fast")
-    expect(page.locator("#message-input")).to_have_value("burst 29")  # refused text is put back
+    page.fill("#name-input", "bell\u0007")  # a name the server refuses
+    page.dispatch_event("#name-input", "change")
+    expect(page.locator("#chat-error")).to_contain_text("control characters")
 
 
 def test_browser_reconnects_after_a_drop_and_shows_what_it_missed_once(server, open_page):
@@ -1624,7 +1704,8 @@ ALL_ROUTES = [("GET", "/"), ("GET", "/chat"), ("GET", "/config"), ("GET", "/mess
 
 
 def stored_texts(port):
-    return [m["text"] for m in get(port, "/messages")[1]["messages"]]
+    """The texts the room keeps, oldest first (up to 1000)."""
+    return [m["text"] for m in get(port, "/messages?limit=1000")[1]["messages"]]
 
 
 def handshake(ws_port, host, path="/", origin=None):
@@ -2053,3 +2134,477 @@ def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_pr
             while True:
                 ws.recv(timeout=5)
         assert closed.value.rcvd.code == 1001
+
+# --- The page keeps every promise to the person typing (issue 13) ----------------------
+
+PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
+AXE = Path(__file__).with_name("node_modules") / "axe-core" / "axe.min.js"
+
+
+class Relay:
+    """A TCP relay in front of the websocket port that can go silent, as a proxy or a Wi-Fi
+    drop does: the connections it carries stay open, and what is sent on them is lost.
+    New connections are carried as usual."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.closing = threading.Event()
+        self.sockets, self.silences, self.threads = [], [], []
+        self.silent_from_the_start = False
+        self.accepted = threading.Semaphore(0)  # released once per connection carried
+        self.start(self.accept)
+
+    def start(self, target, *args):
+        thread = threading.Thread(target=target, args=args)
+        self.threads.append(thread)
+        thread.start()
+
+    def accept(self):
+        while not self.closing.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            to_server, to_page = threading.Event(), threading.Event()
+            if self.silent_from_the_start:
+                to_server.set()
+                to_page.set()
+            self.sockets += [client, upstream]
+            self.silences.append((to_server, to_page))
+            self.start(self.pump, client, upstream, to_server)
+            self.start(self.pump, upstream, client, to_page)
+            self.accepted.release()
+
+    def pump(self, source, sink, silent):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not silent.is_set():
+                    sink.sendall(data)
+
+    def go_silent(self, to_server=True, to_page=True):
+        """From now on the connections open now carry nothing (in the directions asked)."""
+        for towards_server, towards_page in self.silences:
+            if to_server:
+                towards_server.set()
+            if to_page:
+                towards_page.set()
+
+    def wait_for_connection(self):
+        assert self.accepted.acquire(timeout=10), "no new connection came through the relay"
+
+    def close(self):
+        self.closing.set()
+        for each in self.sockets:
+            with contextlib.suppress(OSError):
+                each.shutdown(socket.SHUT_RDWR)
+            each.close()
+        for thread in self.threads:
+            thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def relay(server):
+    """The page connects through a Relay: /config and the page's policy name its port."""
+    relay = Relay(server.ws_port)
+    real_port, chat.room.ws_port = chat.room.ws_port, relay.port
+    yield relay
+    chat.room.ws_port = real_port
+    relay.close()
+
+
+def record_statuses(page):
+    page.evaluate("""() => {
+        window.statuses = [];
+        new MutationObserver(() => statuses.push(document.getElementById("status").textContent))
+            .observe(document.getElementById("status"), {childList: true, characterData: true, subtree: true});
+    }""")
+
+
+@pytest.mark.parametrize("lost", ["both ways", "answers only"])
+def test_browser_notices_a_silent_connection_and_sends_what_was_pending_once(server, relay, open_page, lost):
+    """The relay stops forwarding: either the message never reaches the server, or it is
+    stored and only the answer is lost. Either way it is pending until stored, the status
+    leaves "online" within 30 s (the heartbeat), and after the reconnect it is stored once."""
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", clock=True)
+    record_statuses(page)
+    relay.go_silent(to_server=lost == "both ways")
+    say(page, "through the gap")
+    expect(page.locator("#outbox .message")).to_contain_text("through the gap")
+    expect(page.locator("#outbox .state")).to_have_text("Sending…")
+    if lost == "answers only":
+        wait_for_health(server.port, messages=1)  # stored; the page has not heard so
+    assert stored_texts(server.port) == ([] if lost == "both ways" else ["through the gap"])
+
+    page.clock.run_for(30_000)  # two heartbeats without an answer: the connection is dead
+    expect(texts(page)).to_have_text(["through the gap"])
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    expect(page.locator("#status")).to_have_text("online")
+    assert "reconnecting…" in page.evaluate("statuses")
+    assert stored_texts(server.port) == ["through the gap"]
+
+
+def test_browser_gives_up_a_connection_that_never_opens_and_tries_again(server, relay, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", clock=True)
+    relay.wait_for_connection()
+    relay.silent_from_the_start = True  # a proxy that takes connections and never answers
+    relay.go_silent()
+    page.clock.run_for(30_000)
+    expect(page.locator("#status")).to_have_text("reconnecting…")
+    relay.wait_for_connection()  # the next attempt hangs in its opening handshake
+    relay.silent_from_the_start = False
+    page.clock.run_for(30_000)
+    relay.wait_for_connection()  # given up, and tried again
+    expect(page.locator("#status")).to_have_text("online")
+
+
+def test_browser_keeps_what_is_typed_while_offline_and_sends_it_when_back(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    page.context.set_offline(True)
+    expect(page.locator("#status")).to_have_text("reconnecting…")
+    say(page, "typed offline")
+    expect(page.locator("#outbox .state")).to_contain_text("Not sent yet")
+    page.context.set_offline(False)
+    expect(texts(page)).to_have_text(["typed offline"])
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    assert stored_texts(server.port) == ["typed offline"]
+
+
+def test_browser_refused_messages_are_kept_marked_and_sent_again(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    page.evaluate("""() => {
+        const form = document.getElementById("chat-form");
+        for (let n = 0; n < 30; n++) {
+            document.getElementById("message-input").value = "burst " + n;
+            form.requestSubmit();
+        }
+    }""")
+    failed = page.locator("#outbox .message.failed")
+    expect(failed.first).to_contain_text("Not sent: too many messages too fast")
+    expect(page.locator("#outbox .message.sending")).to_have_count(0)
+    assert len(stored_texts(server.port)) + failed.count() == 30  # nothing lost
+    for _ in range(300):  # the server takes 10 a second: a text may be refused again, and kept again
+        if failed.count() == 0:
+            break
+        failed.first.get_by_role("button", name="Send again").click()
+        expect(page.locator("#outbox .message.sending")).to_have_count(0)
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    assert sorted(stored_texts(server.port)) == sorted(f"burst {n}" for n in range(30))
+
+
+def test_browser_too_long_text_stays_in_the_box_with_a_reason(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    say(page, "x" * 2001)
+    expect(page.locator("#chat-error")).to_have_text("Too long: 2001 characters, at most 2000.")
+    expect(page.locator("#message-input")).to_have_value("x" * 2001)
+
+
+def test_browser_own_messages_are_known_by_ref_not_by_name(server, open_page):
+    from playwright.sync_api import expect
+
+    first, second = open_page(server.port, "sam"), open_page(server.port, "sam")
+    say(first, "from the first sam")
+    expect(texts(second)).to_have_text(["from the first sam"])
+    expect(second.locator("#chat-box .message.own")).to_have_count(0)
+    first.fill("#name-input", "samuel")
+    first.dispatch_event("#name-input", "change")
+    expect(first.locator("#chat-box .notice").last).to_have_text("sam is now samuel")
+    expect(first.locator("#chat-box .message.own p")).to_have_text(["from the first sam"])
+
+
+def test_browser_keeps_a_bounded_number_of_messages_and_loads_older_ones(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    older = page.get_by_role("button", name="Load older messages")
+    expect(older).to_be_hidden()  # nothing older than nothing
+    seed(700)
+    expect(texts(page).last).to_have_text("m700")
+    shown = texts(page).count()
+    assert shown <= 300
+    older.click()
+    expect(texts(page)).to_have_count(shown + 100)
+    assert texts(page).first.text_content() == f"m{700 - shown - 99}"
+
+
+def layout_reads_script():
+    """Counts the page's reads of layout (each can force the browser to lay the page out)."""
+    return """
+        window.layoutReads = 0;
+        for (const key of ["scrollHeight", "scrollTop", "clientHeight", "offsetHeight", "offsetTop"]) {
+            const real = Object.getOwnPropertyDescriptor(Element.prototype, key)
+                || Object.getOwnPropertyDescriptor(HTMLElement.prototype, key);
+            const owner = Element.prototype.hasOwnProperty(key) ? Element.prototype : HTMLElement.prototype;
+            Object.defineProperty(owner, key, {...real, get() { window.layoutReads += 1; return real.get.call(this); }});
+        }
+        const rect = Element.prototype.getBoundingClientRect;
+        Element.prototype.getBoundingClientRect = function () { window.layoutReads += 1; return rect.call(this); };
+    """
+
+
+def test_browser_draws_the_history_in_one_batch_without_reading_layout_per_message(server, browser):
+    from playwright.sync_api import expect
+
+    seed(50)
+    context = browser.new_context()
+    try:
+        context.add_init_script(layout_reads_script())
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        expect(page.locator("#chat-box .message")).to_have_count(50)
+        assert page.evaluate("layoutReads") < 10  # not one or more per message
+        assert at_bottom(page)
+    finally:
+        context.close()
+
+
+def at_bottom(page):
+    return page.evaluate("() => { const log = document.getElementById('log'); "
+                         "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }")
+
+
+def test_browser_on_a_phone_stays_at_the_bottom_and_shows_own_messages(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(50)
+    page = open_page(server.port, "alice", **PHONE)
+    expect(texts(page)).to_have_count(50)
+    expect(texts(page).last).to_be_in_viewport()
+    assert at_bottom(page)
+    say(page, "mine\nwith\nseveral\nlines")
+    expect(texts(page).last).to_have_text("mine\nwith\nseveral\nlines")
+    expect(texts(page).last).to_be_in_viewport()
+    say(page, "x" * 2001)  # the error line appears and the log gets shorter
+    expect(page.locator("#chat-error")).to_be_visible()
+    page.wait_for_function("() => { const log = document.getElementById('log'); "
+                           "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }")
+
+
+def test_browser_shows_a_new_messages_button_when_scrolled_up(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(50)
+    page = open_page(server.port)
+    expect(texts(page)).to_have_count(50)
+    page.locator("#log").evaluate("log => log.scrollTop = 0")
+    post(server.port, "/messages", {"text": "while you read"})
+    button = page.get_by_role("button", name="New messages")
+    expect(button).to_be_visible()
+    expect(texts(page).last).not_to_be_in_viewport()
+    button.click()
+    expect(texts(page).last).to_be_in_viewport()
+    expect(button).to_be_hidden()
+
+
+def test_browser_always_shows_ones_own_message_even_when_scrolled_up(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(50)
+    page = open_page(server.port)
+    expect(texts(page)).to_have_count(50)
+    page.locator("#log").evaluate("log => log.scrollTop = 0")
+    say(page, "mine")
+    expect(texts(page).last).to_have_text("mine")
+    expect(texts(page).last).to_be_in_viewport()
+
+
+def test_browser_counts_unread_messages_in_the_title_while_hidden(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    set_hidden = """hidden => {
+        Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }"""
+    page.evaluate(set_hidden, True)
+    for text in ["one", "two"]:
+        post(server.port, "/messages", {"text": text})
+    expect(page).to_have_title("(2) chat")
+    page.evaluate(set_hidden, False)
+    expect(page).to_have_title("chat")
+
+
+def test_browser_enter_sends_shift_enter_adds_a_line_and_pasted_lines_are_kept(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    page.locator("#message-input").type("first line")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("second line")
+    page.keyboard.press("Enter")
+    expect(texts(page)).to_have_text(["first line\nsecond line"])
+    page.locator("#message-input").focus()
+    page.keyboard.insert_text("pasted 1\npasted 2\npasted 3")
+    page.keyboard.press("Enter")
+    expect(texts(page)).to_have_text(["first line\nsecond line", "pasted 1\npasted 2\npasted 3"])
+    assert stored_texts(server.port)[-1] == "pasted 1\npasted 2\npasted 3"
+
+
+def test_browser_makes_http_addresses_links_and_nothing_else(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    post(server.port, "/messages", {"text": "see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"})
+    expect(texts(page)).to_have_text(["see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"])
+    links = page.locator("#chat-box a")
+    expect(links).to_have_count(1)
+    expect(links).to_have_attribute("href", "https://example.org/a?b=1")
+    expect(links).to_have_attribute("rel", "noopener noreferrer nofollow ugc")
+
+
+def test_browser_long_names_wrap_on_a_phone(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "W" * 32, **PHONE)
+    say(page, "hello")
+    expect(texts(page)).to_have_text(["hello"])
+    name = page.locator("#chat-box .message strong")
+    assert name.bounding_box()["x"] + name.bounding_box()["width"] <= 375
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_browser_online_list_on_a_phone_is_a_count_that_opens_on_tap(server, open_page):
+    from playwright.sync_api import expect
+
+    with contextlib.ExitStack() as stack:
+        for n in range(40):
+            stack.enter_context(joined(server, name=f"person {n}"))
+        page = open_page(server.port, "alice", **PHONE)
+        summary = page.locator("#online-count")
+        expect(summary).to_have_text("41 online")
+        expect(page.locator("#online")).to_be_hidden()
+        assert page.locator("aside").bounding_box()["height"] < 60
+        summary.tap()
+        expect(page.locator("#online li")).to_have_count(41)
+        expect(page.locator("#online li").first).to_be_visible()
+
+
+def run_axe(page):
+    """axe-core's violations on the page as it is now (axe-core comes from npm: npm ci)."""
+    if not AXE.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the accessibility tests must run under CI: npm ci")
+        pytest.skip("no axe-core: npm ci")
+    page.evaluate(AXE.read_text())
+    violations = page.evaluate("async () => (await axe.run()).violations")
+    return [(v["id"], v["impact"], [node["target"] for node in v["nodes"]]) for v in violations]
+
+
+@pytest.mark.parametrize("state", ["empty room", "busy room", "error", "dark scheme", "phone"])
+def test_browser_page_has_no_accessibility_violations(server, open_page, state):
+    from playwright.sync_api import expect
+
+    options = {"dark scheme": {"color_scheme": "dark"}, "phone": PHONE}.get(state, {})
+    if state != "empty room":
+        seed(50)
+    page = open_page(server.port, "alice", **options)
+    if state != "empty room":
+        expect(texts(page)).to_have_count(50)
+        say(page, "mine, see https://example.org")
+        expect(texts(page).last).to_have_text("mine, see https://example.org")
+    if state == "error":
+        page.evaluate("""() => {  // one refused message, and a text too long
+            const form = document.getElementById("chat-form");
+            for (let n = 0; n < 25; n++) {
+                document.getElementById("message-input").value = "burst " + n;
+                form.requestSubmit();
+            }
+        }""")
+        expect(page.locator("#outbox .message.failed").first).to_be_visible()
+        say(page, "x" * 2001)
+        expect(page.locator("#chat-error")).to_be_visible()
+    assert run_axe(page) == []
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_browser_inputs_have_a_border_contrast_of_at_least_3(server, open_page, scheme):
+    page = open_page(server.port, color_scheme=scheme)
+    ratios = page.evaluate("""() => {
+        const luminance = (color) => {
+            const [r, g, b] = color.match(/\\d+/g).slice(0, 3).map((c) => {
+                c /= 255;
+                return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+            });
+            return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+        };
+        const contrast = (a, b) => {
+            const [light, dark] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+            return (light + 0.05) / (dark + 0.05);
+        };
+        const panel = getComputedStyle(document.getElementById("chat-form")).backgroundColor;
+        return ["name-input", "message-input"].map((id) => {
+            const style = getComputedStyle(document.getElementById(id));
+            return Math.min(contrast(style.borderTopColor, panel), contrast(style.borderTopColor, style.backgroundColor));
+        });
+    }""")
+    assert min(ratios) >= 3, ratios
+
+
+def test_browser_status_is_read_as_a_word_without_a_bullet(server, open_page):
+    page = open_page(server.port)
+    assert page.locator("#status").aria_snapshot() == "- status: online"
+
+
+def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(server, open_page):
+    """Frames in their new form (history pieces with `more` and `online`, presence with only
+    `changes`) from a scripted websocket where /config's `ws_path` points."""
+    from playwright.sync_api import expect
+
+    sockets = []
+
+    def prepare(context):
+        def config(route):
+            answer = route.fetch().json()
+            route.fulfill(json={**answer, "ws_path": "/ws"})
+
+        context.route("**/config", config)
+        context.route_web_socket("**/ws?*", lambda ws: sockets.append(ws))
+
+    page = open_page(server.port, "alice", prepare=prepare, online=False)
+    for _ in range(100):  # Playwright calls the route while the test waits on the page
+        if sockets:
+            break
+        page.wait_for_timeout(50)
+    ws = sockets[0]
+    assert ws.url.startswith(f"ws://127.0.0.1:{server.port}/ws?")
+
+    def message(n):
+        return {"type": "message", "id": n, "name": "bob", "text": f"m{n}", "ts": "2026-11-23T14:05:09.123Z"}
+
+    first = {"type": "history", "room": "r", "name": "alice", "messages": [message(1), message(2)], "more": True,
+             "online": ["carol", "bob"]}
+    ws.send(json.dumps(first))
+    expect(texts(page)).to_have_text(["m1", "m2"])
+    expect(page.locator("#status")).not_to_have_text("online")  # not before the last piece
+    ws.send(json.dumps({"type": "history", "room": "r", "name": "alice", "messages": [message(3)], "more": False}))
+    expect(page.locator("#status")).to_have_text("online")
+    ws.send(json.dumps({"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}))
+    expect(page.locator("#online li")).to_have_text(["alice", "bob", "carol"])
+    changes = [{"left": "bob"}, {"renamed": {"from": "carol", "to": "caroline"}}, {"joined": "dave"}]
+    ws.send(json.dumps({"type": "presence", "changes": changes}))
+    expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
+    expect(page.locator("#online-count")).to_have_text("3 online")
+    expect(texts(page)).to_have_text(["m1", "m2", "m3"])
+
+
+def test_page_benchmark_runs_and_reports_each_level(browser):
+    import bench_page
+
+    costs = bench_page.per_append(browser, [50, 100])
+    assert sorted(costs) == [50, 100] and all(cost > 0 for cost in costs.values())
+    lag = bench_page.lag(browser, rate=100, seconds=1)
+    assert lag["behind_at_end_s"] <= lag["worst_lag_s"]
