@@ -453,15 +453,15 @@ HEADLINE = {
 }
 
 
-def run_all(quick):
+def run_all(quick, only=None, repeats=3):
     rows = []
-    plan = scenarios(quick)
+    plan = [step for step in scenarios(quick) if not only or step[0] in only]
     for step, (scenario, title, args) in enumerate(plan, 1):
         row = {"scenario": scenario, "title": title, "args": args, "runs": {"baseline": [], "chat": []}}
-        repeats = 1 if quick or scenario in ("memory", "http") else 3  # fan-out is the noisiest
-        for repeat in range(repeats):
+        runs = 1 if quick or scenario in ("memory", "http") else repeats  # fan-out is the noisiest
+        for repeat in range(runs):
             for kind in ("baseline", "chat") if repeat % 2 == 0 else ("chat", "baseline"):
-                print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{repeats}) ...", file=sys.stderr, flush=True)
+                print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{runs}) ...", file=sys.stderr, flush=True)
                 row["runs"][kind].append(measure(kind, scenario, args))
         for kind in ("baseline", "chat"):
             row[kind] = median_run(row["runs"][kind], HEADLINE[scenario][0])
@@ -553,11 +553,14 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot latency against receivers (needs matplotlib)")
+    parser.add_argument("--only", action="append", choices=("throughput", "latency", "http", "memory"),
+                        help="run only this kind of scenario (repeatable); throughput also gives efficiency")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)")
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)  # the load generator's own process
     args = parser.parse_args()
     if args.generate:
         return generate(args.generate[0], json.loads(args.generate[1]))
-    rows = run_all(args.quick)
+    rows = run_all(args.quick, args.only, args.repeats)
     print(table(rows))
     faults = sum(r[k][f] for r in rows if r["scenario"] not in ("memory", "efficiency")
                  for k in ("chat", "baseline") for f in ("lost", "duplicated", "reordered"))

@@ -43,6 +43,8 @@ import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosedError
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 # --- Configuration -------------------------------------------------------------------
 
@@ -224,9 +226,9 @@ class Room:
         self.send_to_all(frame)
 
     def send_to_all(self, frame):
-        """Encode once, write to everyone without waiting (a client that stops reading is
-        dropped by ChatConnection, so nobody waits for it)."""
-        broadcast(self.clients, json.dumps(frame, ensure_ascii=False))
+        """Encode once, serialize once, write to everyone without waiting (a client that stops
+        reading is dropped by ChatConnection, so nobody waits for it)."""
+        send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
 
     def check_http_rate(self, address):
         """The same limit for HTTP posts as for a websocket, per client address."""
@@ -240,6 +242,54 @@ class Room:
 
     async def close(self):
         """Nothing to let go of here; the Redis room closes its connections."""
+
+
+def send_prepared(connections, text):
+    """websockets.broadcast(), with the frame serialized once for everyone instead of per client.
+
+    Only clients mask their frames; a server's are not masked, so a text frame's bytes are the
+    same for every client. broadcast() builds a Frame, its header and a copy of the text for
+    each connection, which was half the server's CPU at fan-out (README "Performance"); here
+    the bytes are made once and written to every transport. Go's gorilla/websocket calls this
+    a PreparedMessage. A connection that cannot take them goes to broadcast() itself, which
+    skips it or compresses for it exactly as it always did. transport.write() is where
+    broadcast() ends too, so a client that stops reading still trips pause_writing() and
+    ChatConnection drops it.
+    """
+    frame = prepared_frame(text)
+    for connection in connections:
+        if takes_prepared_frame(connection):
+            connection.transport.write(frame)
+        else:
+            broadcast([connection], text)
+
+
+def prepared_frame(text):
+    """The bytes protocol.send_text() writes on a server: one unmasked, final text frame."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def takes_prepared_frame(connection):
+    """Open, not in the middle of sending a fragmented message, no extension, transport not closing.
+
+    These are the checks broadcast() and protocol.send_text() make, on websockets 17
+    internals: protocol.state (a closing connection has sent its close frame: nothing may
+    follow it), connection.send_in_progress and protocol.expect_continuation_frame (a frame
+    written between two fragments would break the message), protocol.extensions (compression
+    changes the bytes per connection). websockets writes its own frames to the transport as
+    soon as it makes them, so nothing of its own can be waiting behind ours. The transport of
+    a slow reader that ChatConnection aborted is closing before the connection is. A renamed
+    attribute fails every test; a changed meaning fails the tests under "Prepared frames" in
+    test_chat.py.
+    """
+    protocol = connection.protocol
+    return (
+        protocol.state is State.OPEN
+        and connection.send_in_progress is None
+        and not protocol.expect_continuation_frame
+        and not protocol.extensions
+        and not connection.transport.is_closing()
+    )
 
 
 room = None  # the one Room of this process, made when the servers start
