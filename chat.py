@@ -249,12 +249,11 @@ def send_prepared(connections, text):
 
     Only clients mask their frames; a server's are not masked, so a text frame's bytes are the
     same for every client. broadcast() builds a Frame, its header and a copy of the text for
-    each connection, which was half the server's CPU at fan-out (README "Performance"); here
-    the bytes are made once and written to every transport. Go's gorilla/websocket calls this
-    a PreparedMessage. A connection that cannot take them goes to broadcast() itself, which
-    skips it or compresses for it exactly as it always did. transport.write() is where
-    broadcast() ends too, so a client that stops reading still trips pause_writing() and
-    ChatConnection drops it.
+    each connection; here the bytes are made once and written to every transport (Go's
+    gorilla/websocket calls this a PreparedMessage). A connection that cannot take them goes to
+    broadcast() itself, which skips it or compresses for it exactly as it always did.
+    transport.write() is where broadcast() ends too, so a client that stops reading still trips
+    pause_writing() and ChatConnection drops it.
     """
     frame = prepared_frame(text)
     for connection in connections:
@@ -265,22 +264,22 @@ def send_prepared(connections, text):
 
 
 def prepared_frame(text):
-    """The bytes protocol.send_text() writes on a server: one unmasked, final text frame."""
+    """The bytes protocol.send_text() makes on a server: one unmasked, final text frame."""
     return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
 
 
 def takes_prepared_frame(connection):
-    """Open, not in the middle of sending a fragmented message, no extension, transport not closing.
+    """Open, not half-way through sending a fragmented message, no extension, transport not closing.
 
-    These are the checks broadcast() and protocol.send_text() make, on websockets 17
-    internals: protocol.state (a closing connection has sent its close frame: nothing may
-    follow it), connection.send_in_progress and protocol.expect_continuation_frame (a frame
-    written between two fragments would break the message), protocol.extensions (compression
-    changes the bytes per connection). websockets writes its own frames to the transport as
-    soon as it makes them, so nothing of its own can be waiting behind ours. The transport of
-    a slow reader that ChatConnection aborted is closing before the connection is. A renamed
-    attribute fails every test; a changed meaning fails the tests under "Prepared frames" in
-    test_chat.py.
+    The checks broadcast() and protocol.send_text() make, read from websockets 17 internals:
+    protocol.state (a closing connection has sent its close frame: nothing may follow it),
+    connection.send_in_progress and protocol.expect_continuation_frame (a frame between two
+    fragments would break the message), protocol.extensions (compression makes other bytes for
+    each connection). And the transport: ChatConnection aborts a slow reader's before the
+    connection knows; asyncio would drop the bytes, uvloop would raise, broadcast() copes.
+    websockets writes its own frames to the transport as soon as it makes them, so none can be
+    waiting to go out before ours. A renamed attribute fails every test; a changed meaning fails
+    the tests under "Prepared frames" in test_chat.py.
     """
     protocol = connection.protocol
     return (
