@@ -95,6 +95,50 @@ async def main():
 asyncio.run(main())
 '''
 
+AIOHTTP = r'''
+import asyncio, datetime, itertools, json, socket
+from aiohttp import WSMsgType, web
+
+clients = set()
+ids = itertools.count(1)
+
+
+async def publish(text):
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    message = {"type": "message", "id": next(ids), "name": "guest", "text": text, "ts": now}
+    data = json.dumps(message)
+    for ws in tuple(clients):  # send_str() waits only when that client's buffer is full
+        await ws.send_str(data)
+
+
+async def handler(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    clients.add(ws)
+    try:
+        async for frame in ws:
+            if frame.type == WSMsgType.TEXT:
+                await publish(json.loads(frame.data)["text"])
+    finally:
+        clients.discard(ws)
+    return ws
+
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    port = sock.getsockname()[1]
+    print(f"Chat page:  http://127.0.0.1:{port}/", flush=True)  # fan-out scenarios only
+    print(f"Websocket:  ws://127.0.0.1:{port}/", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+'''
+
 CHAT = (
     "import sys, chat\n"
     "chat.BURST = chat.PER_SECOND = 10**9  # lift the rate limit: see the module docstring\n"
@@ -106,7 +150,7 @@ class Server:
     """chat.py or the baseline in a subprocess, with its ports and its memory and CPU."""
 
     def __init__(self, kind, redis_url=None):
-        command = [sys.executable, "-c", BASELINE]
+        command = [sys.executable, "-c", AIOHTTP if kind == "aiohttp" else BASELINE]
         if kind == "chat":
             command = [sys.executable, "-c", CHAT, "--port", "0", "--ws-port", "0", "--history", "100000"]
             command += ["--redis", redis_url] if redis_url else []
@@ -453,14 +497,15 @@ HEADLINE = {
 }
 
 
-def run_all(quick, only=None, repeats=3):
+def run_all(quick, only=None, repeats=3, aiohttp=False):
     rows = []
     plan = [step for step in scenarios(quick) if not only or step[0] in only]
     for step, (scenario, title, args) in enumerate(plan, 1):
-        row = {"scenario": scenario, "title": title, "args": args, "runs": {"baseline": [], "chat": []}}
+        kinds = ["baseline", "chat"] + (["aiohttp"] if aiohttp and scenario == "throughput" else [])
+        row = {"scenario": scenario, "title": title, "args": args, "runs": {kind: [] for kind in kinds}}
         runs = 1 if quick or scenario in ("memory", "http") else repeats  # fan-out is the noisiest
         for repeat in range(runs):
-            for kind in ("baseline", "chat") if repeat % 2 == 0 else ("chat", "baseline"):
+            for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:  # each goes first in turn
                 print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{runs}) ...", file=sys.stderr, flush=True)
                 row["runs"][kind].append(measure(kind, scenario, args))
         for kind in ("baseline", "chat"):
@@ -473,6 +518,11 @@ def run_all(quick, only=None, repeats=3):
                 efficiency[kind] = median_run(row["runs"][kind], "deliveries_per_cpu_s")
             rows.append(with_ratio(efficiency))
             print("    " + summary(efficiency), file=sys.stderr, flush=True)
+        if "aiohttp" in kinds:  # the same runs, with aiohttp in the baseline's column
+            versus = {**efficiency, "title": efficiency["title"] + ", against aiohttp"}
+            versus["baseline"] = median_run(row["runs"]["aiohttp"], "deliveries_per_cpu_s")
+            rows.append(with_ratio(versus))
+            print("    " + summary(versus), file=sys.stderr, flush=True)
     return rows
 
 
@@ -556,11 +606,14 @@ def main():
     parser.add_argument("--only", action="append", choices=("throughput", "latency", "http", "memory"),
                         help="run only this kind of scenario (repeatable); throughput also gives efficiency")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)")
+    parser.add_argument("--aiohttp", action="store_true", help="fan-out also against an aiohttp server (needs aiohttp)")
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)  # the load generator's own process
     args = parser.parse_args()
     if args.generate:
         return generate(args.generate[0], json.loads(args.generate[1]))
-    rows = run_all(args.quick, args.only, args.repeats)
+    if args.aiohttp and not importlib.util.find_spec("aiohttp"):
+        parser.error("--aiohttp needs aiohttp: python -m pip install aiohttp")
+    rows = run_all(args.quick, args.only, args.repeats, args.aiohttp)
     print(table(rows))
     faults = sum(r[k][f] for r in rows if r["scenario"] not in ("memory", "efficiency")
                  for k in ("chat", "baseline") for f in ("lost", "duplicated", "reordered"))
