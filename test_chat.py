@@ -842,6 +842,8 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
                 elif frame["type"] == "presence":
                     left += [change["left"] for change in frame["changes"] if "left" in change]
         assert ids == list(range(1, total + 1))
+        while not left:  # presence goes out at most every 0.25 s: maybe after the last message
+            left += [change["left"] for change in receive(reader, "presence")["changes"] if "left" in change]
         assert left == ["silent"]
         assert get(server.port, "/health")[1]["clients"] == 1
     assert peak[0] <= chat.MAX_QUEUED + 4096  # what the server held for the silent one stayed bounded
