@@ -3,6 +3,10 @@
     python bench_chat.py            the full run (a few minutes)
     python bench_chat.py --quick    a small run (under a minute)
     python bench_chat.py --json results.json --plot docs/latency.png
+    python bench_chat.py --only throughput --repeats 5 --aiohttp    the fan-out rows alone
+
+With --aiohttp (and aiohttp installed) the fan-out scenarios also run against the same
+minimal server written on aiohttp (send_str() to each client): one more efficiency row.
 
 With redis-server and the redis package installed, one latency run puts the chat on two
 processes sharing a room in Redis (--redis), against the baseline on one.
@@ -95,6 +99,50 @@ async def main():
 asyncio.run(main())
 '''
 
+AIOHTTP = r'''
+import asyncio, datetime, itertools, json, socket
+from aiohttp import WSMsgType, web
+
+clients = set()
+ids = itertools.count(1)
+
+
+async def publish(text):
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+    message = {"type": "message", "id": next(ids), "name": "guest", "text": text, "ts": now}
+    data = json.dumps(message)
+    for ws in tuple(clients):  # send_str() waits only when that client's buffer is full
+        await ws.send_str(data)
+
+
+async def handler(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    clients.add(ws)
+    try:
+        async for frame in ws:
+            if frame.type == WSMsgType.TEXT:
+                await publish(json.loads(frame.data)["text"])
+    finally:
+        clients.discard(ws)
+    return ws
+
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    port = sock.getsockname()[1]
+    print(f"Chat page:  http://127.0.0.1:{port}/", flush=True)  # fan-out scenarios only
+    print(f"Websocket:  ws://127.0.0.1:{port}/", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+'''
+
 CHAT = (
     "import sys, chat\n"
     "chat.BURST = chat.PER_SECOND = 10**9  # lift the rate limit: see the module docstring\n"
@@ -106,7 +154,7 @@ class Server:
     """chat.py or the baseline in a subprocess, with its ports and its memory and CPU."""
 
     def __init__(self, kind, redis_url=None):
-        command = [sys.executable, "-c", BASELINE]
+        command = [sys.executable, "-c", AIOHTTP if kind == "aiohttp" else BASELINE]
         if kind == "chat":
             command = [sys.executable, "-c", CHAT, "--port", "0", "--ws-port", "0", "--history", "100000"]
             command += ["--redis", redis_url] if redis_url else []
@@ -115,8 +163,7 @@ class Server:
         self.ws_port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
 
     def cpu_seconds(self):
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.process.pid)
 
     def stop(self):
         self.process.terminate()
@@ -249,13 +296,18 @@ def text_of(n, size=100):
     return json.dumps({"type": "message", "text": f"{n:08d} ".ljust(size, "x")}).encode()
 
 
-async def fan_out_throughput(ws_port, receivers, seconds, window=50):
-    """One sender as fast as the server accepts, at most `window` messages in flight."""
+async def fan_out_throughput(ws_port, server_pid, receivers, seconds, window=50):
+    """One sender as fast as the server accepts, at most `window` messages in flight.
+
+    The server's CPU time is read around the fan-out itself: the handshakes before it (and
+    the chat's presence frames while a big room fills) are not what "per delivery" means.
+    """
     window_moved = asyncio.Event()
     sender, *others = await open_clients(ws_port, receivers, on_message=None)
     sender.on_message = lambda message_id, now: window_moved.set()  # its own message came back
     clients = [sender, *others]
     sent = 0
+    server_cpu = cpu_seconds(server_pid)
     with CpuMeter() as meter:
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -266,12 +318,14 @@ async def fan_out_throughput(ws_port, receivers, seconds, window=50):
             await window_moved.wait()
         await wait_for_delivery(clients, sent, 30)
         took = time.perf_counter() - started
+    server_cpu = cpu_seconds(server_pid) - server_cpu
     result = {
         "receivers": receivers,
         "messages": sent,
         "deliveries": sum(c.received for c in clients),
         "deliveries_per_s": sum(c.received for c in clients) / took,
         "generator_cpu": meter.share,
+        "server_cpu_s": server_cpu,
         **integrity(clients, sent),
     }
     close_all(clients)
@@ -360,6 +414,12 @@ async def idle_memory(server_pid, ws_port, count):
     return result
 
 
+def cpu_seconds(pid):
+    """CPU time a process has used so far, user and system, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss(pid, field="VmRSS"):
     """Resident memory of a process in bytes: now, or its peak with field="VmHWM"."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -414,7 +474,7 @@ async def ping_times(ws, times, seconds):
 def generate(scenario, args):
     """Runs in the load generator's own process: one scenario, its result as JSON on stdout."""
     if scenario == "throughput":
-        run = fan_out_throughput(args["ws_port"], args["receivers"], args["seconds"])
+        run = fan_out_throughput(args["ws_port"], args["pid"], args["receivers"], args["seconds"])
     elif scenario == "latency":
         run = fan_out_latency(args["ws_ports"], args["receivers"], args["seconds"])
     elif scenario == "http":
@@ -500,7 +560,7 @@ def measure(kind, scenario, args):
         if generator.returncode:
             raise RuntimeError(f"load generator failed:\n{generator.stderr}")
         result = json.loads(generator.stdout)
-        result["server_cpu_s"] = sum(server.cpu_seconds() for server in servers) - cpu_before
+        result.setdefault("server_cpu_s", sum(server.cpu_seconds() for server in servers) - cpu_before)  # throughput reads its own
         if scenario == "throughput":  # the server's own cost, whoever saturated first
             result["deliveries_per_cpu_s"] = result["deliveries"] / result["server_cpu_s"]
         return result
@@ -536,15 +596,16 @@ HEADLINE = {
 }
 
 
-def run_all(quick):
+def run_all(quick, only=None, repeats=3, aiohttp=False):
     rows = []
-    plan = scenarios(quick)
+    plan = [step for step in scenarios(quick) if not only or step[0] in only]
     for step, (scenario, title, args) in enumerate(plan, 1):
-        row = {"scenario": scenario, "title": title, "args": args, "runs": {"baseline": [], "chat": []}}
-        repeats = 1 if quick or scenario in ("memory", "http") else 3  # fan-out is the noisiest
-        for repeat in range(repeats):
-            for kind in ("baseline", "chat") if repeat % 2 == 0 else ("chat", "baseline"):
-                print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{repeats}) ...", file=sys.stderr, flush=True)
+        kinds = ["baseline", "chat"] + (["aiohttp"] if aiohttp and scenario == "throughput" else [])
+        row = {"scenario": scenario, "title": title, "args": args, "runs": {kind: [] for kind in kinds}}
+        runs = 1 if quick or scenario in ("memory", "http") else repeats  # fan-out is the noisiest
+        for repeat in range(runs):
+            for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:  # each goes first in turn
+                print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{runs}) ...", file=sys.stderr, flush=True)
                 row["runs"][kind].append(measure(kind, scenario, args))
         for kind in ("baseline", "chat"):
             row[kind] = median_run(row["runs"][kind], HEADLINE[scenario][0])
@@ -556,6 +617,11 @@ def run_all(quick):
                 efficiency[kind] = median_run(row["runs"][kind], "deliveries_per_cpu_s")
             rows.append(with_ratio(efficiency))
             print("    " + summary(efficiency), file=sys.stderr, flush=True)
+        if "aiohttp" in kinds:  # the same runs, with aiohttp in the baseline's column
+            versus = {**efficiency, "title": efficiency["title"] + ", against aiohttp"}
+            versus["baseline"] = median_run(row["runs"]["aiohttp"], "deliveries_per_cpu_s")
+            rows.append(with_ratio(versus))
+            print("    " + summary(versus), file=sys.stderr, flush=True)
     return rows
 
 
@@ -636,15 +702,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot latency against receivers (needs matplotlib)")
+    parser.add_argument("--only", action="append", choices=("throughput", "latency", "http", "memory"),
+                        help="run only this kind of scenario (repeatable); throughput also gives efficiency")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)")
+    parser.add_argument("--aiohttp", action="store_true", help="fan-out also against an aiohttp server (needs aiohttp)")
     parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)  # the load generator's own process
     args = parser.parse_args()
     if args.generate:
         return generate(args.generate[0], json.loads(args.generate[1]))
-    rows = run_all(args.quick)
-    resume_rows = run_resumes(args.quick)
+    if args.aiohttp and not importlib.util.find_spec("aiohttp"):
+        parser.error("--aiohttp needs aiohttp: python -m pip install aiohttp")
+    rows = run_all(args.quick, args.only, args.repeats, args.aiohttp)
+    resume_rows = [] if args.only else run_resumes(args.quick)
     print(table(rows))
-    print()
-    print(resume_table(resume_rows))
+    if resume_rows:
+        print()
+        print(resume_table(resume_rows))
     faults = sum(r[k][f] for r in rows if r["scenario"] not in ("memory", "efficiency")
                  for k in ("chat", "baseline") for f in ("lost", "duplicated", "reordered"))
     faults += sum(r["chat"][f] for r in resume_rows for f in ("lost", "duplicated", "reordered"))

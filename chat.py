@@ -50,6 +50,8 @@ import waitress.wasyncore
 from falcon.util.uri import parse_query_string
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 
 try:
     import resource  # Unix only: on Windows there is no descriptor limit to raise
@@ -320,9 +322,9 @@ class Room:
             self.online[change["joined"]] += 1
 
     def send_to_all(self, frame):
-        """Encode once, write to everyone without waiting (a client that stops reading is
-        dropped by ChatConnection, so nobody waits for it)."""
-        broadcast(self.clients, json.dumps(frame, ensure_ascii=False))
+        """Encode once, serialize once, write to everyone without waiting (a client that stops
+        reading is dropped by ChatConnection, so nobody waits for it)."""
+        send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
 
     def check_http_rate(self, address):
         """The same limit for HTTP posts as for a websocket, per client address."""
@@ -336,6 +338,53 @@ class Room:
 
     async def close(self):
         """Nothing to let go of here; the Redis room closes its connections."""
+
+
+def send_prepared(connections, text):
+    """websockets.broadcast(), with the frame serialized once for everyone instead of per client.
+
+    Only clients mask their frames; a server's are not masked, so a text frame's bytes are the
+    same for every client. broadcast() builds a Frame, its header and a copy of the text for
+    each connection; here the bytes are made once and written to every transport (Go's
+    gorilla/websocket calls this a PreparedMessage). A connection that cannot take them goes to
+    broadcast() itself, which skips it or compresses for it exactly as it always did.
+    transport.write() is where broadcast() ends too, so a client that stops reading still trips
+    pause_writing() and ChatConnection drops it.
+    """
+    frame = prepared_frame(text)
+    for connection in connections:
+        if takes_prepared_frame(connection):
+            connection.transport.write(frame)
+        else:
+            broadcast([connection], text)
+
+
+def prepared_frame(text):
+    """The bytes protocol.send_text() makes on a server: one unmasked, final text frame."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def takes_prepared_frame(connection):
+    """Open, not half-way through sending a fragmented message, no extension, transport not closing.
+
+    The checks broadcast() and protocol.send_text() make, read from websockets 17 internals:
+    protocol.state (a closing connection has sent its close frame: nothing may follow it),
+    connection.send_in_progress and protocol.expect_continuation_frame (a frame between two
+    fragments would break the message), protocol.extensions (compression makes other bytes for
+    each connection). And the transport: ChatConnection aborts a slow reader's before the
+    connection knows; asyncio would drop the bytes, uvloop would raise, broadcast() copes.
+    websockets writes its own frames to the transport as soon as it makes them, so none can be
+    waiting to go out before ours. A renamed attribute fails every test; a changed meaning fails
+    the tests under "Prepared frames" in test_chat.py.
+    """
+    protocol = connection.protocol
+    return (
+        protocol.state is State.OPEN
+        and connection.send_in_progress is None
+        and not protocol.expect_continuation_frame
+        and not protocol.extensions
+        and not connection.transport.is_closing()
+    )
 
 
 room = None  # the one Room of this process, made when the servers start
