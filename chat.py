@@ -628,6 +628,9 @@ def positive(value):
 
 def main(argv=None):
     args = parse_args(argv)
+    stop = threading.Event()  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis)
     except RoomUnavailable as error:
@@ -644,9 +647,6 @@ def main(argv=None):
     if args.open:
         webbrowser.open(page_url)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     servers.stop()
     print("Stopped.", flush=True)
