@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1190,8 +1191,151 @@ def test_the_default_chat_does_not_import_redis():
     assert result.stdout.strip() == "False", result.stderr
 
 
+# --- Promises of the README that no test checked -------------------------------------
+
+STEADY = 40  # messages sent after the burst at twice the sustained rate: 2 seconds of it
+
+
+def send_at(rate, count, send):
+    """send(n) for n = 0, 1, ... count - 1 at `rate` a second on a fixed schedule (a late
+    start catches up); returns the time just before the last send."""
+    began = time.monotonic()
+    for n in range(count):
+        threading.Event().wait(max(0.0, began + n / rate - time.monotonic()))
+        last = time.monotonic()
+        send(n)
+    return last
+
+
+def assert_held_to_the_rate(accepted, began, steady_began, steady_last_sent, ended):
+    """After a spent burst, a sender twice as fast as PER_SECOND gets PER_SECOND a second.
+
+    Bounds from the rule and the times measured: no more than the burst and the refill since
+    `began`; no fewer than the refill while the steady sender was sending (less 2 for the
+    fractions of a token at either end).
+    """
+    assert accepted <= most_allowed(ended - began) - BURST
+    assert accepted >= PER_SECOND * (steady_last_sent - steady_began) - 2
+
+
+def test_after_the_burst_a_websocket_may_send_10_a_second(server):
+    with joined(server) as (ws, _):
+        began = time.monotonic()
+        for n in range(BURST):
+            ws.send(f"burst {n}")
+        burst = receive_until(ws, lambda frames: len(frames) == BURST, ("message", "error"))
+        steady_began = time.monotonic()
+        last_sent = send_at(2 * PER_SECOND, STEADY, lambda n: ws.send(f"steady {n}"))
+        steady = receive_until(ws, lambda frames: len(frames) == STEADY, ("message", "error"))
+        ended = time.monotonic()
+    assert [frame["type"] for frame in burst] == ["message"] * BURST
+    accepted = sum(frame["type"] == "message" for frame in steady)
+    assert_held_to_the_rate(accepted, began, steady_began, last_sent, ended)
+    assert all("too fast" in frame["error"] for frame in steady if frame["type"] == "error")
+
+
+def test_after_the_burst_an_address_may_post_10_a_second(server):
+    def post_one(text):
+        return post(server.port, "/messages", {"text": text}, source="127.0.0.8")[0]
+
+    began = time.monotonic()
+    assert [post_one(f"burst {n}") for n in range(BURST)] == [201] * BURST
+    steady_began, statuses = time.monotonic(), []
+    last_sent = send_at(2 * PER_SECOND, STEADY, lambda n: statuses.append(post_one(f"steady {n}")))
+    ended = time.monotonic()
+    assert set(statuses) <= {201, 429}
+    assert_held_to_the_rate(statuses.count(201), began, steady_began, last_sent, ended)
+
+
+def test_get_messages_gives_at_most_100_by_default(server):
+    seed(150)
+    _, body = get(server.port, "/messages")
+    assert [m["id"] for m in body["messages"]] == list(range(1, 101))
+
+
+def test_send_message_with_neither_text_nor_message_is_a_400_naming_text(server):
+    status, body = post(server.port, "/send_message", "name=bob", "application/x-www-form-urlencoded")
+    assert status == 400 and "text" in body["errors"]
+    assert get(server.port, "/messages")[1]["messages"] == []
+
+
+def test_config_tells_the_page_the_text_and_name_limits(server):
+    _, config = get(server.port, "/config")
+    assert (config["max_text"], config["max_name"]) == (2000, 32)
+
+
+def test_health_last_id_counts_on_past_what_the_history_keeps(small_server):
+    for n in range(5):
+        post(small_server.port, "/messages", {"text": f"m{n}"})
+    _, health = get(small_server.port, "/health")
+    assert (health["messages"], health["last_id"]) == (3, 5)
+
+
+def test_two_people_may_share_a_name_and_each_is_counted(server):
+    with joined(server, name="watcher") as (watcher, _):
+        receive(watcher, "presence")  # its own join
+        with joined(server, name="sam") as (first, _), joined(server, name="sam") as (second, _):
+            joins = receive_until(watcher, lambda frames: sum(len(f["changes"]) for f in frames) == 2, ("presence",))
+            assert [change for frame in joins for change in frame["changes"]] == [{"joined": "sam"}] * 2
+            assert get(server.port, "/health")[1]["clients"] == 3
+            first.close()
+            assert receive(watcher, "presence")["changes"] == [{"left": "sam"}]
+            second.send("still here")
+            assert receive(watcher, "message")["name"] == "sam"
+
+
+def test_a_presence_frame_for_several_changes_carries_them_only_in_changes(server):
+    with joined(server, name="watcher") as (watcher, _), joined(server, name="a") as (renamer, _):
+        receive_until(watcher, lambda frames: sum(len(f["changes"]) for f in frames) == 2, ("presence",))
+        for name in ["b", "c", "d"]:  # at once: the 2nd and 3rd wait for the next 0.25 s window
+            renamer.send(json.dumps({"type": "name", "name": name}))
+        frames = receive_until(watcher, lambda frames: sum(len(f["changes"]) for f in frames) == 3, ("presence",))
+    assert [change["renamed"]["to"] for frame in frames for change in frame["changes"]] == ["b", "c", "d"]
+    for frame in frames:
+        if len(frame["changes"]) == 1:
+            assert frame["renamed"] == frame["changes"][0]["renamed"]  # one change: also at the top
+        else:
+            assert not {"joined", "left", "renamed"} & frame.keys()
+    assert any(len(frame["changes"]) > 1 for frame in frames)
+
+
+def test_websocket_text_and_name_are_trimmed(server):
+    with joined(server, name="  padded  ") as (ws, history):
+        assert history["name"] == "padded"
+        ws.send(json.dumps({"type": "name", "name": " \tbob  "}))
+        ws.send(json.dumps({"type": "message", "text": "\n  hi there  \n"}))
+        message = receive(ws, "message")
+    assert (message["name"], message["text"]) == ("bob", "hi there")
+
+
+@pytest.mark.parametrize(
+    "frame, error",
+    [
+        ({"type": "message", "text": "\ud800"}, "text is not valid Unicode"),
+        ({"type": "name", "name": "\ud800"}, "name is not valid Unicode"),
+        ({"type": "name", "name": "a\nb"}, "name has control characters"),
+        ({"type": "name", "name": "bell\x07"}, "name has control characters"),
+        ({"type": "name", "name": " \t "}, "name is empty"),
+    ],
+)
+def test_websocket_frames_follow_the_text_and_name_rules_of_http(server, frame, error):
+    with joined(server, name="kept") as (ws, _):
+        ws.send(json.dumps(frame))  # ASCII JSON: a lone surrogate travels as the escape \ud800
+        assert error in receive(ws, "error")["error"]
+        ws.send("still here")
+        assert receive(ws, "message")["name"] == "kept"
+    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["still here"]
+
+
+def test_a_name_with_control_characters_in_the_url_gets_an_error_and_a_guest_name(server):
+    with joined(server, name="a\nb") as (ws, history):
+        assert history["name"].startswith("guest-")
+        assert "control characters" in receive(ws, "error")["error"]
+
+
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
-# Last in the file: Playwright's sync API keeps its own event loop for the session.
+# Playwright's sync API keeps an event loop running in the main thread for the whole session:
+# asyncio code in tests goes through run_async(), so these tests may run in any order.
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -1230,6 +1374,8 @@ def open_page(browser):
             context.add_init_script(f"localStorage.setItem('chat-name', {json.dumps(name)})")
         page = context.new_page()
         page.set_default_timeout(10_000)
+        page.sent_frames = []  # every frame the page sends on its websockets, as sent
+        page.on("websocket", lambda ws: ws.on("framesent", lambda frame: page.sent_frames.append(frame)))
         page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
         page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
@@ -1292,14 +1438,30 @@ def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
     expect(alice.locator("#chat-box .notice").last).to_have_text("bob joined")
 
 
+def wait_until(page, condition, timeout=10):
+    """Lets the page run until `condition()` holds (Playwright delivers events meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the page"
+        page.wait_for_timeout(50)
+
+
+def sent_texts(page):
+    """The texts of the message frames the page has sent."""
+    frames = [json.loads(frame) for frame in page.sent_frames]
+    return [frame.get("text") for frame in frames if isinstance(frame, dict) and frame.get("type") == "message"]
+
+
 def test_browser_does_not_send_an_empty_message(server, open_page):
+    from playwright.sync_api import expect
+
     page = open_page(server.port)
     say(page, "   ")
     say(page, "real")
-    from playwright.sync_api import expect
-
     expect(texts(page)).to_have_text(["real"])
-    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["real"]
+    wait_until(page, lambda: "real" in sent_texts(page))
+    assert sent_texts(page) == ["real"]
+    expect(page.locator("#chat-error")).not_to_contain_text("text is empty")  # no refusal from the server
 
 
 def test_browser_shows_server_errors_next_to_the_input(server, open_page):
@@ -1372,3 +1534,63 @@ def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
 
     make_screenshot(browser, tmp_path / "shot.png")
     assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
+
+
+# --- The page: renaming, the connection gone, scrolling ---------------------------------
+
+
+def test_browser_rename_reaches_the_room_and_is_remembered_after_a_reload(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)  # a guest: no name remembered yet
+    with joined(server, name="watcher") as (watcher, _):
+        receive(watcher, "presence")  # its own join
+        page.fill("#name-input", "alicia")
+        page.press("#name-input", "Tab")  # the name is taken when the field is left
+        renames = receive_until(watcher, lambda frames: frames, ("presence",))[0]["changes"]
+        assert renames[0]["renamed"]["to"] == "alicia"
+    page.reload()
+    expect(page.locator("#status")).to_have_text("online")
+    expect(page.locator("#name-input")).to_have_value("alicia")
+    with joined(server, name="watcher") as (watcher, _):
+        say(page, "back again")
+        assert receive(watcher, "message")["name"] == "alicia"
+
+
+def test_browser_keeps_the_text_and_says_not_connected_while_the_server_is_away(chat_process, open_page):
+    from playwright.sync_api import expect
+
+    process = chat_process("--port", "0", "--ws-port", "0")
+    process.urls()
+    page = open_page(process.port, "alice")
+    process.process.send_signal(signal.SIGTERM)
+    assert process.process.wait(5) == 0
+    expect(page.locator("#status")).not_to_have_text("online")
+    say(page, "typed while away")
+    expect(page.locator("#chat-error")).to_contain_text(re.compile("not connected", re.IGNORECASE))
+    expect(page.locator("#message-input")).to_have_value("typed while away")
+
+
+AT_BOTTOM = "() => { const box = document.getElementById('chat-box'); " \
+            "return box.scrollHeight - box.scrollTop - box.clientHeight < 2; }"
+
+
+def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "reader")
+    box = page.locator("#chat-box")
+    seed(60)  # more than the box shows at once
+    expect(box).to_contain_text("m60")
+    page.wait_for_function(AT_BOTTOM)  # it followed
+    assert box.evaluate("box => box.scrollHeight > box.clientHeight")
+
+    box.evaluate("box => { box.scrollTop = 0; }")  # the reader goes back to read
+    post(server.port, "/messages", {"text": "while reading"})
+    expect(box).to_contain_text("while reading")
+    assert box.evaluate("box => box.scrollTop") == 0  # not pulled away from what they read
+
+    box.evaluate("box => { box.scrollTop = box.scrollHeight; }")  # back at the bottom
+    post(server.port, "/messages", {"text": "follow again"})
+    expect(box).to_contain_text("follow again")
+    page.wait_for_function(AT_BOTTOM)
