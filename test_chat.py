@@ -1139,6 +1139,8 @@ def test_redis_a_client_can_resume_on_the_other_process_and_miss_nothing(two_pro
 def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(redis_server, two_processes):
     a, b = two_processes
     post(a.port, "/messages", {"text": "before"})
+    for process in two_processes:  # each has it once Redis published it: it is history, not live
+        wait_for_health(process.port, last_id=1)
     with connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as on_a, \
             connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as on_b:
         receive(on_a, "history"), receive(on_b, "history")
