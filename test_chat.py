@@ -1431,6 +1431,7 @@ def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
     attacks = ['<img src=x onerror="window.pwned=1">', "<script>window.pwned=1</script>", "<b>bold</b>"]
     for attack in attacks:
         say(page, attack)
+    expect(texts(page)).to_have_text(attacks)  # stored before the HTTP post, which could overtake them
     post(server.port, "/messages", {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"})
     expect(texts(page)).to_have_text(attacks + ["<svg onload=alert(1)>"])
     assert page.locator("#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i").count() == 0
