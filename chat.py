@@ -581,7 +581,10 @@ class Servers:
         """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client)."""
         if hasattr(self, "http_thread"):
             close_all = lambda: waitress.wasyncore.close_all(self.socket_map)  # noqa: E731
-            self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
+            try:
+                self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
+            except OSError:
+                pass  # a request's pull woke that thread first: close_all ran, the trigger is closed
             self.http_thread.join(5)
         elif hasattr(self, "http_server"):
             waitress.wasyncore.close_all(self.socket_map)  # bound, never served
