@@ -963,7 +963,10 @@ class Servers:
         """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client)."""
         if hasattr(self, "http_thread"):
             close_all = lambda: waitress.wasyncore.close_all(self.socket_map)  # noqa: E731
-            self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
+            try:
+                self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
+            except OSError:
+                pass  # a request's pull woke that thread first: close_all ran, the trigger is closed
             self.http_thread.join(5)
         elif hasattr(self, "http_server"):
             waitress.wasyncore.close_all(self.socket_map)  # bound, never served
@@ -1119,6 +1122,9 @@ def reachable_addresses(host):
 
 def main(argv=None):
     args = parse_args(argv)
+    stop = threading.Event()  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis, args.allow_host, args.public_url)
     except RoomUnavailable as error:
@@ -1138,9 +1144,6 @@ def main(argv=None):
     if args.open:
         webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
 
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     servers.stop()
     print("Stopped.", flush=True)
