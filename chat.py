@@ -638,15 +638,15 @@ def main(argv=None):
         print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return 2
 
+    stop = threading.Event()  # set by Ctrl+C or SIGTERM; before the URLs, which invite both
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
     page_url = f"http://{args.host}:{servers.port}/"
     print(f"Chat page:  {page_url}", flush=True)
     print(f"Websocket:  ws://{args.host}:{servers.ws_port}/", flush=True)
     if args.open:
         webbrowser.open(page_url)
-
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
     servers.stop()
     print("Stopped.", flush=True)
