@@ -16,6 +16,7 @@ import os
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -2955,3 +2956,209 @@ def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open
     post(server.port, "/messages", {"text": "follow again"})
     expect(box).to_contain_text("follow again")
     page.wait_for_function(AT_BOTTOM)
+
+
+# --- The workshop walkthrough, run as the README writes it -----------------------------
+# Every shell command of the README's walkthrough runs as written (real curl, the real
+# `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
+# and what the README says you will see is checked. A command the test does not know, or one
+# it looks for and cannot find, fails the test: a walkthrough step cannot break silently.
+
+README = Path(__file__).with_name("README.md")
+ESCAPES = re.compile(r"\x1b(\[[0-9;]*[A-Za-z]|[78])")  # the interactive client's cursor moves
+
+
+class Walkthrough:
+    """The README's walkthrough: its shell commands, and its example output blocks."""
+
+    def __init__(self, port, ws_port):
+        section = README.read_text(encoding="utf-8").split("## Workshop walkthrough", 1)[1].split("\n## ", 1)[0]
+        blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.DOTALL)
+        self.commands = [line for kind, body in blocks if kind == "sh"
+                         for line in body.replace("\\\n", "").splitlines() if line.strip()]
+        self.outputs = [body for kind, body in blocks if kind == ""]
+        self.port, self.ws_port = port, ws_port
+        self.unused = list(self.commands)
+
+    def take(self, pattern):
+        """The one command that matches `pattern` (a regex, matched whole), ports swapped."""
+        found = [command for command in self.commands if re.fullmatch(pattern, " ".join(command.split()))]
+        assert len(found) == 1, f"the README's walkthrough has {found} for {pattern!r}: update the README or this test"
+        self.unused.remove(found[0])
+        return self.swap_ports(found[0])
+
+    def swap_ports(self, text):
+        return text.replace(":8000", f":{self.port}").replace(":8765", f":{self.ws_port}")
+
+
+class Terminal:
+    """A command typed into a shell, as a reader would: lines go to its stdin, output is read back."""
+
+    def __init__(self, command):
+        command = re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", command)
+        self.process = subprocess.Popen(
+            ["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=CHAT_PY.parent,
+        )
+        self.lines, self.errors = queue.Queue(), []  # stderr: curl's progress meter, tracebacks
+        self.readers = [threading.Thread(target=self._read, daemon=True),
+                        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            for part in ESCAPES.sub("\n", line).splitlines():
+                self.lines.put(part.removeprefix("> "))
+
+    def type(self, line):
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, wanted, timeout=10):
+        """The next output line for which `wanted(line)` is true (or that starts with `wanted`)."""
+        check = wanted if callable(wanted) else lambda line: line.startswith(wanted)
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"never saw {wanted!r}; saw {seen}") from None
+            seen.append(line)
+            if check(line):
+                return line
+
+    def expect_frame(self, kind, **fields):
+        """The next frame (`< {...}` from the interactive client) of this type with these fields."""
+        def matches(line):
+            if not line.startswith("< {"):
+                return False
+            frame = json.loads(line[2:])
+            return frame["type"] == kind and all(frame.get(key) == value for key, value in fields.items())
+        return json.loads(self.expect(matches)[2:])
+
+    def output(self, timeout=10):
+        """Everything it printed, once it has finished."""
+        self.process.wait(timeout)
+        self.readers[0].join(timeout)
+        return "\n".join(self.lines.queue)
+
+    def close(self):
+        """Ctrl+D, as the README says; then make sure it is gone."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        for reader in self.readers:
+            reader.join(5)
+        self.process.stdout.close()
+        self.process.stderr.close()
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
+
+
+@pytest.fixture
+def terminals():
+    opened = []
+
+    def open_terminal(command):
+        opened.append(Terminal(command))
+        return opened[-1]
+
+    yield open_terminal
+    for terminal in opened:
+        if terminal.process.poll() is None:
+            terminal.process.send_signal(signal.SIGINT)  # Ctrl+C
+        terminal.close()
+        assert "Traceback" not in "".join(terminal.errors)
+
+
+def test_the_workshop_walkthrough_works_as_written(terminals):
+    if shutil.which("curl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the walkthrough test must run under CI: apt-get install curl")
+        pytest.skip("no curl on this machine: apt-get install curl")
+    steps = Walkthrough(free_port(), free_port())
+
+    # Start: `python chat.py` prints the two URLs the README shows (here on free ports).
+    server = terminals(steps.take(r"python chat\.py") + f" --port {steps.port} --ws-port {steps.ws_port}")
+    printed = [server.expect("Chat page:"), server.expect("Websocket:")]
+    assert printed == steps.swap_ports(steps.outputs[0]).splitlines()
+
+    # 1. Echo: what you type comes straight back.
+    echo = terminals(steps.take(r"python -m websockets ws://127\.0\.0\.1:8765/echo"))
+    echo.expect("Connected to")
+    echo.type("hello")
+    echo.expect("< hello")
+    echo.close()
+
+    # 2. Broadcast: alice and bob each get history first; "hello" from alice reaches both.
+    alice = terminals(steps.take(r'python -m websockets "ws://127\.0\.0\.1:8765/\?name=alice"'))
+    alice.expect_frame("history")
+    bob = terminals(steps.take(r'python -m websockets "ws://127\.0\.0\.1:8765/\?name=bob"'))
+    bob.expect_frame("history")
+    alice.type("hello")
+    for person in (alice, bob):
+        assert person.expect_frame("message", text="hello") | {"ts": "..."} == {
+            "type": "message", "id": 1, "name": "alice", "text": "hello", "ts": "...",
+        }
+    for frame in steps.outputs[1].splitlines():  # the JSON frames the README shows
+        alice.type(frame)
+    assert bob.expect_frame("message", text="hi")["name"] == "alice"
+    bob.expect(lambda line: line.startswith("< {") and '"to": "alice2"' in line)
+
+    # 3. History and resuming: bob leaves, alice says more, bob comes back with since=1.
+    bob.close()
+    for text in ["while bob was away", "and more"]:
+        alice.type(text)
+        alice.expect_frame("message", text=text)
+    bob = terminals(steps.take(r'python -m websockets "ws://127\.0\.0\.1:8765/\?name=bob&since=1"'))
+    history = bob.expect_frame("history")
+    assert [m["text"] for m in history["messages"]] == ["hi", "while bob was away", "and more"]
+
+    # 4. Posting over HTTP with curl: stored, broadcast to both, listed, counted.
+    posted = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*hello from HTTP.*"))
+    assert json.loads(posted.output())["text"] == "hello from HTTP"
+    for person in (alice, bob):
+        assert person.expect_frame("message", text="hello from HTTP")["name"] == "curl"
+    listed = terminals(steps.take(r'curl "http://127\.0\.0\.1:8000/messages\?since=0"'))
+    assert [m["text"] for m in json.loads(listed.output())["messages"]][-1] == "hello from HTTP"
+    health = terminals(steps.take(r"curl http://127\.0\.0\.1:8000/health"))
+    assert json.loads(health.output())["status"] == "ok"
+
+    # 5. Bad input: a 400 naming the problem over HTTP; an error frame over the websocket.
+    bad = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*\{oops'"))
+    assert "not valid JSON" in json.loads(bad.output())["errors"]["body"]
+    alice.type("")
+    assert alice.expect_frame("error")["error"] == "text is empty"
+    alice.type("still here")
+    alice.expect_frame("message", text="still here")
+
+    # 6. Start-up and shutdown: port 0 picks free ports; Ctrl+C stops it, exit status 0.
+    another = terminals(steps.take(r"python chat\.py --port 0 --ws-port 0"))
+    assert re.fullmatch(r"Chat page:  http://127\.0\.0\.1:[1-9]\d*/", another.expect("Chat page:"))
+    assert re.fullmatch(r"Websocket:  ws://127\.0\.0\.1:[1-9]\d*/", another.expect("Websocket:"))
+    another.process.send_signal(signal.SIGINT)
+    another.expect("Stopped.")
+    assert another.process.wait(5) == 0
+
+    # 8. A workshop room: every printed address opens (never 0.0.0.0), loopback last.
+    steps.port, steps.ws_port = free_port(), free_port()  # a second chat, beside the first
+    room = terminals(steps.take(r"python chat\.py --host 0\.0\.0\.0") + f" --port {steps.port} --ws-port {steps.ws_port}")
+    expected = steps.swap_ports(steps.outputs[-1]).splitlines()
+    assert expected[-2:] == [f"Chat page:  http://127.0.0.1:{steps.port}/", f"Websocket:  ws://127.0.0.1:{steps.ws_port}/"]
+    printed = [room.expect("Chat page:"), room.expect("Websocket:")]
+    while printed[-2] != expected[-2]:  # up to the loopback pair, which comes last
+        printed += [room.expect("Chat page:"), room.expect("Websocket:")]
+    assert "0.0.0.0" not in "".join(printed)
+    for line in printed[::2]:
+        page = urllib.parse.urlsplit(line.split()[-1])
+        connection = http.client.HTTPConnection(page.hostname, page.port, timeout=10)
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 200
+        connection.close()
+
+    assert steps.unused == [], "walkthrough commands this test does not run: teach it the new step"
