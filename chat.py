@@ -9,7 +9,10 @@ they hand their work to the event loop and wait for the answer. One owner means 
 order: every client sees the same messages, in the same order, as GET /messages.
 
 Read it top to bottom: configuration, the room, the websocket handlers, the HTTP
-routes, start-up and shutdown, main(). The contract is in the README.
+routes, who may talk to the chat, start-up and shutdown, main(). Each section puts its
+main path first; the guards against hostile or unlucky clients, and the workarounds for
+the libraries, come after it under a heading that says "skip on a first reading".
+The contract is in the README.
 """
 
 import argparse
@@ -38,13 +41,14 @@ import urllib.parse
 import webbrowser
 from pathlib import Path
 
-# hug 2.6.1 uses NumPy when it can import it, and then a name that NumPy 2 removed
-# (np.unicode_): `import hug` fails. The chat needs no NumPy: hide it while hug loads.
+# A library workaround: hug 2.6.1 uses NumPy when it can import it, and then a name that
+# NumPy 2 removed (np.unicode_), so `import hug` fails. The chat needs no NumPy: it is
+# hidden while hug loads, and then given back to any other code.
 sys.modules.setdefault("numpy", None)
 import hug  # noqa: E402
 
 if sys.modules["numpy"] is None:
-    del sys.modules["numpy"]  # and let any other code import it as usual
+    del sys.modules["numpy"]
 import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
@@ -58,122 +62,40 @@ try:
 except ImportError:
     resource = None
 
-# --- Configuration -------------------------------------------------------------------
+# --- Configuration -----------------------------------------------------------------------
 
 PAGE = Path(__file__).with_name("chat.html")
+
+# What a client may send
 MAX_TEXT = 2000  # characters, after trimming white space
 MAX_NAME = 32
 MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
 MAX_BODY = 64 * 1024  # bytes; a bigger HTTP body is refused by waitress (413)
-MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
-PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
-CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
-HISTORY_ON_CONNECT = 50
-HISTORY_PIECE = 50  # messages per history frame when a client resumes: at most about 640 KB
+BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection and HTTP client
+
+# The room
+HISTORY_ON_CONNECT = 50  # messages a client gets on connect without since=
+HISTORY_PIECE = 50  # messages per history frame: at most about 640 KB
 PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often
-BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection
-HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
 ROOM_PATHS = ("/", "/chat", "/ws")  # the room's websocket paths; /ws is the one behind a proxy
-PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
+
+# Time
+PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
+OPEN_TIMEOUT = 5  # seconds a websocket handshake may take, from the TCP connection on
+CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
+HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
+LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
+
+# Headroom (see "Limits with headroom" under start-up)
+MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
 MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
 HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
 FD_RESERVED = 64  # descriptors for everything else: listening sockets, pipes, Redis, log files
-OPEN_TIMEOUT = 5  # seconds a websocket handshake may take, from the TCP connection on
-LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
+PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
 
 
-class BadInput(ValueError):
-    """A client sent something the contract does not allow; the message says the rule."""
-
-
-class RoomUnavailable(Exception):
-    """The room cannot store messages right now (with --redis: Redis is away)."""
-
-
-class TooFast(BadInput):
-    """More than BURST messages at once, or more than PER_SECOND a second for long."""
-
-    def __init__(self):
-        super().__init__("too many messages too fast: wait a second")
-
-
-# --- The room --------------------------------------------------------------------------
-
-
-def clean_text(value):
-    """The text of a message; hug uses it as a type too, so HTTP and websocket agree."""
-    return trimmed(value, "text", MAX_TEXT)
-
-
-def clean_name(value):
-    """A display name, with no control characters (a newline in the online list helps nobody)."""
-    name = trimmed(value, "name", MAX_NAME)
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise BadInput("name has control characters")
-    return name
-
-
-def trimmed(value, field, limit):
-    """A string of 1 to `limit` characters once white space is trimmed from its ends."""
-    if not isinstance(value, str):
-        raise BadInput(f"{field} must be a string")
-    value = value.strip()
-    if not value:
-        raise BadInput(f"{field} is empty")
-    if len(value) > limit:
-        raise BadInput(f"{field} is longer than {limit} characters")
-    try:
-        value.encode("utf-8")  # JSON can carry a lone surrogate ("\ud800"); UTF-8 cannot
-    except UnicodeEncodeError:
-        raise BadInput(f"{field} is not valid Unicode") from None
-    return value
-
-
-def clean_ref(value):
-    """A client's own id for a message, or None: the page sends it again after a reconnect."""
-    if value is None:
-        return None
-    if not is_ref(value):
-        raise BadInput(f"ref must be a string of 1 to {MAX_REF} characters")
-    return value
-
-
-def is_ref(value):
-    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
-
-
-def whole_number(text, low, high):
-    """`text` as a whole number from `low` to `high`, else None.
-
-    isdecimal() refuses "-1", "1.5" and "²" (isdigit() would pass "²" on to int()), and the
-    length bound keeps int() away from its limit of 4300 digits.
-    """
-    if text.isdecimal() and len(text) <= len(str(high)) and low <= int(text) <= high:
-        return int(text)
-    return None
-
-
-def utc_now():
-    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class TokenBucket:
-    """BURST messages at once, then PER_SECOND a second: a person never notices, a script does."""
-
-    def __init__(self):
-        self.tokens, self.last = BURST, time.monotonic()
-
-    def take(self):
-        now = time.monotonic()
-        self.tokens = min(BURST, self.tokens + (now - self.last) * PER_SECOND)
-        self.last = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+# --- The room -------------------------------------------------------------------------
 
 
 class Room:
@@ -340,6 +262,12 @@ class Room:
         """Nothing to let go of here; the Redis room closes its connections."""
 
 
+room = None  # the one Room of this process, made when the servers start
+
+
+# Sending one frame to everyone: a prepared frame ..........................................
+
+
 def send_prepared(connections, text):
     """websockets.broadcast(), with the frame serialized once for everyone instead of per client.
 
@@ -387,10 +315,64 @@ def takes_prepared_frame(connection):
     )
 
 
-room = None  # the one Room of this process, made when the servers start
+# The room's rules: what a text, a name, a ref and `since` may be (skip on a first reading) ...
 
 
-# --- The websocket handlers ------------------------------------------------------------
+class BadInput(ValueError):
+    """A client sent something the contract does not allow; the message says the rule."""
+
+
+class TooFast(BadInput):
+    """More than BURST messages at once, or more than PER_SECOND a second for long."""
+
+    def __init__(self):
+        super().__init__("too many messages too fast: wait a second")
+
+
+class RoomUnavailable(Exception):
+    """The room cannot store messages right now (with --redis: Redis is away)."""
+
+
+def clean_text(value):
+    """The text of a message; hug uses it as a type too, so HTTP and websocket agree."""
+    return trimmed(value, "text", MAX_TEXT)
+
+
+def clean_name(value):
+    """A display name, with no control characters (a newline in the online list helps nobody)."""
+    name = trimmed(value, "name", MAX_NAME)
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise BadInput("name has control characters")
+    return name
+
+
+def trimmed(value, field, limit):
+    """A string of 1 to `limit` characters once white space is trimmed from its ends."""
+    if not isinstance(value, str):
+        raise BadInput(f"{field} must be a string")
+    value = value.strip()
+    if not value:
+        raise BadInput(f"{field} is empty")
+    if len(value) > limit:
+        raise BadInput(f"{field} is longer than {limit} characters")
+    try:
+        value.encode("utf-8")  # JSON can carry a lone surrogate ("\ud800"); UTF-8 cannot
+    except UnicodeEncodeError:
+        raise BadInput(f"{field} is not valid Unicode") from None
+    return value
+
+
+def clean_ref(value):
+    """A client's own id for a message, or None: the page sends it again after a reconnect."""
+    if value is None:
+        return None
+    if not is_ref(value):
+        raise BadInput(f"ref must be a string of 1 to {MAX_REF} characters")
+    return value
+
+
+def is_ref(value):
+    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
 
 
 def parse_since(value):
@@ -403,63 +385,64 @@ def parse_since(value):
     return since
 
 
-class ChatConnection(ServerConnection):
-    """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
+def since_type(value):
+    """Id of the last message the client has: a whole number of 0 or more."""
+    return parse_since(str(value))
 
-    broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
-    calls pause_writing() when the write buffer passes its high-water mark (write_limit
-    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
-    can come back with since=.
+
+def limit_type(value):
+    """How many messages at most: 1 to 1000."""
+    limit = whole_number(str(value), 1, 1000)
+    if limit is None:
+        raise BadInput("limit must be a whole number from 1 to 1000")
+    return limit
+
+
+def whole_number(text, low, high):
+    """`text` as a whole number from `low` to `high`, else None.
+
+    isdecimal() refuses "-1", "1.5" and "²" (isdigit() would pass "²" on to int()), and the
+    length bound keeps int() away from its limit of 4300 digits.
     """
+    if text.isdecimal() and len(text) <= len(str(high)) and low <= int(text) <= high:
+        return int(text)
+    return None
 
-    waiting_for_client = False
 
-    def __init__(self, *args, max_connections, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_connections = max_connections
+def utc_now():
+    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    def connection_made(self, transport):
-        """Close a TCP connection at once past max_connections (clients and handshakes under
-        way): connections that never send a handshake must not take the descriptors that
-        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
-        super().connection_made(transport)
-        if len(self.server.handler_tasks) > self.max_connections:
-            transport.abort()
 
-    def pause_writing(self):
-        super().pause_writing()
-        if not self.waiting_for_client:
-            self.transport.abort()
+class TokenBucket:
+    """BURST messages at once, then PER_SECOND a second: a person never notices, a script does."""
 
-    @contextlib.contextmanager
-    def catching_up(self):
-        """While the history is sent, wait for the client instead of dropping it.
+    def __init__(self):
+        self.tokens, self.last = BURST, time.monotonic()
 
-        A client catching up is behind by design. A write limit of 0 makes every
-        `await connection.send()` wait until the kernel has taken all of it: the server
-        holds one piece at most, and when the last one is written (in Room.join, with
-        no wait) nothing else is queued.
-        """
-        self.waiting_for_client = True
-        self.transport.set_write_buffer_limits(high=0)
-        try:
-            yield
-        finally:
-            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
-            self.waiting_for_client = False
+    def take(self):
+        now = time.monotonic()
+        self.tokens = min(BURST, self.tokens + (now - self.last) * PER_SECOND)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
-    async def send_in_time(self, frame):
-        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
 
-        A client that stops reading in the middle of its history is dropped, as one that
-        stops answering pings is: websockets' own pings wait behind the history.
-        """
-        try:
-            async with asyncio.timeout(PING_TIMEOUT):
-                await self.send(frame)
-        except TimeoutError:
-            self.transport.abort()
-            raise
+# --- The websocket handlers -----------------------------------------------------------
+
+
+async def route(connection):
+    """The websocket server's one handler: the path picks the room or the echo."""
+    try:
+        if urllib.parse.urlsplit(connection.request.path).path == "/echo":
+            await echo(connection)
+        else:
+            await chat(connection)
+    except (ConnectionClosed, TimeoutError):
+        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
 
 
 async def echo(connection):
@@ -544,15 +527,7 @@ async def send_error(connection, error, ref=None):
     await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
-async def route(connection):
-    """The websocket server's one handler: the path picks the room or the echo."""
-    try:
-        if urllib.parse.urlsplit(connection.request.path).path == "/echo":
-            await echo(connection)
-        else:
-            await chat(connection)
-    except (ConnectionClosed, TimeoutError):
-        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
+# Guards of the websocket server (skip on a first reading) .................................
 
 
 def check_request(connection, request, max_clients):
@@ -577,7 +552,177 @@ def is_full(server, max_clients):
     return len(server.all_connections) >= max_clients
 
 
-# --- Who may talk to the chat ------------------------------------------------------------
+class ChatConnection(ServerConnection):
+    """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
+
+    broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
+    calls pause_writing() when the write buffer passes its high-water mark (write_limit
+    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
+    can come back with since=.
+    """
+
+    waiting_for_client = False
+
+    def __init__(self, *args, max_connections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+
+    def connection_made(self, transport):
+        """Close a TCP connection at once past max_connections (clients and handshakes under
+        way): connections that never send a handshake must not take the descriptors that
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        super().connection_made(transport)
+        if len(self.server.handler_tasks) > self.max_connections:
+            transport.abort()
+
+    def pause_writing(self):
+        super().pause_writing()
+        if not self.waiting_for_client:
+            self.transport.abort()
+
+    @contextlib.contextmanager
+    def catching_up(self):
+        """While the history is sent, wait for the client instead of dropping it.
+
+        A client catching up is behind by design. A write limit of 0 makes every
+        `await connection.send()` wait until the kernel has taken all of it: the server
+        holds one piece at most, and when the last one is written (in Room.join, with
+        no wait) nothing else is queued.
+        """
+        self.waiting_for_client = True
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            yield
+        finally:
+            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
+            self.waiting_for_client = False
+
+    async def send_in_time(self, frame):
+        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
+
+        A client that stops reading in the middle of its history is dropped, as one that
+        stops answering pings is: websockets' own pings wait behind the history.
+        """
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self.send(frame)
+        except TimeoutError:
+            self.transport.abort()
+            raise
+
+
+# --- The HTTP routes (hug) ------------------------------------------------------------
+
+
+api = hug.API(__name__)
+
+
+def ask_room(coroutine):
+    """Run a coroutine on the event loop's thread and wait for its answer.
+
+    HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
+    room.post(...) here only makes the coroutine: the loop runs it.
+    """
+    return asyncio.run_coroutine_threadsafe(coroutine, room.loop).result(timeout=HTTP_WAIT)
+
+
+@hug.get(["/messages", "/get_messages"], api=api)
+def get_messages(since: since_type = 0, limit: limit_type = 100):
+    return {"messages": ask_room(room.recent(since, limit))}
+
+
+@hug.post("/messages", api=api, status=hug.HTTP_201)
+def post_message(request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None):
+    """Store and broadcast a message; answers 201 and the stored message (200 for a repeated ref)."""
+    return add_http_message(request, response, name, text, ref)
+
+
+@hug.post("/send_message", api=api, status=hug.HTTP_201)
+def send_message(
+    request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None, ref: clean_ref = None
+):
+    """The seed tutorial's name for POST /messages, which called the text `message`."""
+    if text is None and message is None:
+        response.status = hug.HTTP_400
+        return {"errors": {"text": "Required parameter 'text' not supplied"}}
+    return add_http_message(request, response, name, text or message, ref)
+
+
+def add_http_message(request, response, name, text, ref):
+    try:
+        message, stored_now = ask_room(post_in_room(request.remote_addr, name, text, ref))
+        if not stored_now:
+            response.status = hug.HTTP_200  # stored before, under this ref: nothing new
+        return message
+    except TooFast as error:
+        response.status = hug.HTTP_429
+        response.set_header("Retry-After", "1")
+        return {"errors": {"text": str(error)}}
+    except RoomUnavailable as error:
+        response.status = hug.HTTP_503
+        return {"errors": {"room": str(error)}}
+
+
+async def post_in_room(address, name, text, ref):
+    room.check_http_rate(address)
+    return await room.post(name or room.guest_name(), text, ref)
+
+
+@hug.get("/health", api=api)
+def health(response):
+    answer = ask_room(room.health())
+    if answer["status"] != "ok":
+        response.status = hug.HTTP_503
+    return answer
+
+
+@hug.get("/config", api=api)
+def config():
+    """What the page needs to connect."""
+    return {
+        "ws_port": room.ws_port,
+        "ws_path": "/ws" if policy.public_url else None,  # behind a proxy: the page's own origin, at /ws
+        "room": room.id,
+        "max_text": MAX_TEXT,
+        "max_name": MAX_NAME,
+    }
+
+
+# The page .................................................................................
+
+
+@hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
+def page(request, response):
+    """Read on every request, so that an edit to chat.html shows on reload."""
+    html = PAGE.read_text(encoding="utf-8")
+    response.set_header("Content-Security-Policy", page_policy(html, request.host))
+    return html
+
+
+def page_policy(html, host):
+    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
+    return (
+        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
+        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
+        f"connect-src 'self' {websocket_address(host)}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def websocket_address(host):
+    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port."""
+    if policy.public_url:
+        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
+    return f"ws://{url_host(host)}:{room.ws_port}"
+
+
+def inline_hashes(html, tag):
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
+    return " ".join(f"'sha256-{digest}'" for digest in digests)
+
+
+# --- Who may talk to the chat: one policy for HTTP and websockets ---------------------
 
 
 class Policy:
@@ -630,6 +775,32 @@ class Policy:
 policy = Policy()  # the policy of this process; Servers makes it with the real port
 
 
+@hug.request_middleware(api=api)
+def check_http_request(request, response):
+    """The policy above, before any route: a foreign Host is refused, and so is a foreign write."""
+    host = request.get_header("Host")
+    try:
+        errors = {"host": policy.host_refusal(host)}
+    except ValueError:  # "Host: [" is no host name at all
+        return refuse(response, hug.HTTP_400, {"host": "the Host header is not a host name"})
+    if request.method not in ("GET", "HEAD"):  # a write
+        errors["origin"] = policy.origin_refusal(request.get_header("Origin"), host)
+    errors = {field: error for field, error in errors.items() if error}
+    if errors:
+        refuse(response, hug.HTTP_403, errors)
+
+
+def refuse(response, status, errors):
+    """Answer now, with hug's JSON error format: falcon runs no route after this."""
+    response.status = status
+    response.content_type = "application/json; charset=utf-8"
+    response.body = json.dumps({"errors": errors})
+    response.complete = True
+
+
+# Host names and origins (skip on a first reading) .........................................
+
+
 def host_name(host):
     """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
 
@@ -664,147 +835,7 @@ def origin_parts(origin):
         return None
 
 
-# --- The HTTP routes (hug) ------------------------------------------------------------
-
-api = hug.API(__name__)
-
-
-@hug.request_middleware(api=api)
-def check_http_request(request, response):
-    """The policy above, before any route: a foreign Host is refused, and so is a foreign write."""
-    host = request.get_header("Host")
-    try:
-        errors = {"host": policy.host_refusal(host)}
-    except ValueError:  # "Host: [" is no host name at all
-        return refuse(response, hug.HTTP_400, {"host": "the Host header is not a host name"})
-    if request.method not in ("GET", "HEAD"):  # a write
-        errors["origin"] = policy.origin_refusal(request.get_header("Origin"), host)
-    errors = {field: error for field, error in errors.items() if error}
-    if errors:
-        refuse(response, hug.HTTP_403, errors)
-
-
-def refuse(response, status, errors):
-    """Answer now, with hug's JSON error format: falcon runs no route after this."""
-    response.status = status
-    response.content_type = "application/json; charset=utf-8"
-    response.body = json.dumps({"errors": errors})
-    response.complete = True
-
-
-def ask_room(coroutine):
-    """Run a coroutine on the event loop's thread and wait for its answer.
-
-    HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
-    room.post(...) here only makes the coroutine: the loop runs it.
-    """
-    return asyncio.run_coroutine_threadsafe(coroutine, room.loop).result(timeout=HTTP_WAIT)
-
-
-def since_type(value):
-    """Id of the last message the client has: a whole number of 0 or more."""
-    return parse_since(str(value))
-
-
-def limit_type(value):
-    """How many messages at most: 1 to 1000."""
-    limit = whole_number(str(value), 1, 1000)
-    if limit is None:
-        raise BadInput("limit must be a whole number from 1 to 1000")
-    return limit
-
-
-@hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
-def page(request, response):
-    """Read on every request, so that an edit to chat.html shows on reload."""
-    html = PAGE.read_text(encoding="utf-8")
-    response.set_header("Content-Security-Policy", page_policy(html, request.host))
-    return html
-
-
-def page_policy(html, host):
-    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
-    return (
-        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
-        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
-        f"connect-src 'self' {websocket_address(host)}; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-
-
-def websocket_address(host):
-    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port."""
-    if policy.public_url:
-        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
-    return f"ws://{url_host(host)}:{room.ws_port}"
-
-
-def inline_hashes(html, tag):
-    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
-    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
-    return " ".join(f"'sha256-{digest}'" for digest in digests)
-
-
-@hug.get("/config", api=api)
-def config():
-    """What the page needs to connect."""
-    return {
-        "ws_port": room.ws_port,
-        "ws_path": "/ws" if policy.public_url else None,  # behind a proxy: the page's own origin, at /ws
-        "room": room.id,
-        "max_text": MAX_TEXT,
-        "max_name": MAX_NAME,
-    }
-
-
-@hug.get(["/messages", "/get_messages"], api=api)
-def get_messages(since: since_type = 0, limit: limit_type = 100):
-    return {"messages": ask_room(room.recent(since, limit))}
-
-
-@hug.post("/messages", api=api, status=hug.HTTP_201)
-def post_message(request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None):
-    """Store and broadcast a message; answers 201 and the stored message (200 for a repeated ref)."""
-    return add_http_message(request, response, name, text, ref)
-
-
-@hug.post("/send_message", api=api, status=hug.HTTP_201)
-def send_message(
-    request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None, ref: clean_ref = None
-):
-    """The seed tutorial's name for POST /messages, which called the text `message`."""
-    if text is None and message is None:
-        response.status = hug.HTTP_400
-        return {"errors": {"text": "Required parameter 'text' not supplied"}}
-    return add_http_message(request, response, name, text or message, ref)
-
-
-def add_http_message(request, response, name, text, ref):
-    try:
-        message, stored_now = ask_room(post_in_room(request.remote_addr, name, text, ref))
-        if not stored_now:
-            response.status = hug.HTTP_200  # stored before, under this ref: nothing new
-        return message
-    except TooFast as error:
-        response.status = hug.HTTP_429
-        response.set_header("Retry-After", "1")
-        return {"errors": {"text": str(error)}}
-    except RoomUnavailable as error:
-        response.status = hug.HTTP_503
-        return {"errors": {"room": str(error)}}
-
-
-async def post_in_room(address, name, text, ref):
-    room.check_http_rate(address)
-    return await room.post(name or room.guest_name(), text, ref)
-
-
-@hug.get("/health", api=api)
-def health(response):
-    answer = ask_room(room.health())
-    if answer["status"] != "ok":
-        response.status = hug.HTTP_503
-    return answer
+# hug workarounds: reading request bodies (skip on a first reading) ........................
 
 
 def read_utf8(body):
@@ -866,7 +897,7 @@ def bad_body(exception, response):
     return {"errors": {"body": str(exception)}}
 
 
-# --- Start-up and shutdown -------------------------------------------------------------
+# --- Start-up and shutdown ------------------------------------------------------------
 
 
 async def open_room(redis_url, history, loop, ws_port):
@@ -981,6 +1012,9 @@ class Servers:
         self.loop.close()
 
 
+# Limits with headroom, and waitress's shutdown (skip on a first reading) ..................
+
+
 def raise_fd_limit():
     """Raise this process's descriptor limit to the most it may have; return the limit.
 
@@ -1040,7 +1074,59 @@ def log_repeated_errors_once():
         logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
 
 
-# --- main() ----------------------------------------------------------------------------
+# --- main() ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    stop = threading.Event()  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis, args.allow_host, args.public_url)
+    except RoomUnavailable as error:
+        print(f"chat.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f"{args.host}, port {args.port} or {args.ws_port}"
+        print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
+        return 2
+
+    addresses = reachable_addresses(args.host)
+    for address in addresses:  # the first two lines are machine-readable: tests and tools read them
+        print(f"Chat page:  http://{url_host(address)}:{servers.port}/", flush=True)
+        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/", flush=True)
+    if args.public_url:
+        print(f"Public:     {args.public_url}/ (through the proxy)", flush=True)
+    if args.open:
+        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
+
+    stop.wait()
+    servers.stop()
+    print("Stopped.", flush=True)
+    return 0
+
+
+def reachable_addresses(host):
+    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
+
+    So print this machine's own addresses, loopback last (it works only here): the one its
+    default route leaves from (connecting a UDP socket sends nothing, it only picks the
+    route) and the ones its host name resolves to.
+    """
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    family, somewhere, loopback = (
+        (socket.AF_INET, "198.51.100.1", "127.0.0.1") if host == "0.0.0.0" else (socket.AF_INET6, "2001:db8::1", "::1")
+    )
+    found = []
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
+        found.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
+    lan = [address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback]
+    return [*dict.fromkeys(lan), loopback]
 
 
 def parse_args(argv):
@@ -1096,58 +1182,6 @@ def positive(value):
     if count is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
     return count
-
-
-def reachable_addresses(host):
-    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
-
-    So print this machine's own addresses, loopback last (it works only here): the one its
-    default route leaves from (connecting a UDP socket sends nothing, it only picks the
-    route) and the ones its host name resolves to.
-    """
-    if host not in ("0.0.0.0", "::"):
-        return [host]
-    family, somewhere, loopback = (
-        (socket.AF_INET, "198.51.100.1", "127.0.0.1") if host == "0.0.0.0" else (socket.AF_INET6, "2001:db8::1", "::1")
-    )
-    found = []
-    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
-        found.append(probe.getsockname()[0])
-    with contextlib.suppress(OSError):
-        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
-    lan = [address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback]
-    return [*dict.fromkeys(lan), loopback]
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    stop = threading.Event()  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis, args.allow_host, args.public_url)
-    except RoomUnavailable as error:
-        print(f"chat.py: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = f"{args.host}, port {args.port} or {args.ws_port}"
-        print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
-        return 2
-
-    addresses = reachable_addresses(args.host)
-    for address in addresses:  # the first two lines are machine-readable: tests and tools read them
-        print(f"Chat page:  http://{url_host(address)}:{servers.port}/", flush=True)
-        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/", flush=True)
-    if args.public_url:
-        print(f"Public:     {args.public_url}/ (through the proxy)", flush=True)
-    if args.open:
-        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
-
-    stop.wait()
-    servers.stop()
-    print("Stopped.", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
