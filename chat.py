@@ -101,16 +101,20 @@ PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forw
 class Room:
     """Everything the chat remembers.
 
-    Only the event loop's thread calls these methods, and none of them awaits: each
-    runs from start to end without anything else happening in between. That is what
-    makes the loop a safe owner, with no lock anywhere. (join() awaits between pieces
-    of history, and looks at the room afresh after each.)
+    Only the event loop's thread calls these methods, and none of them awaits anything
+    but join(): each runs from start to end without anything else happening in between.
+    That is what makes the loop a safe owner, with no lock anywhere. join() awaits between
+    pieces of a long history, and looks at the room afresh after each (see there).
+
+    post(), fetch(), health() and close() are `async def` although they await nothing
+    here: the Redis room (redis_room.py) has the same methods, and there they await Redis.
+    Callers write `await room.post(...)` and work with either room.
     """
 
     def __init__(self, history, loop, ws_port):
         self.loop = loop  # the one thread allowed in here; see ask_room()
         self.ws_port = ws_port
-        self.id = secrets.token_hex(8)  # changes on restart, so clients know ids began again
+        self.room_id = secrets.token_hex(8)  # new on restart: tells clients that ids began again
         self.messages = collections.deque(maxlen=history)
         self.refs = {}  # ref -> the kept message that carries it
         self.last_id = 0
@@ -120,10 +124,6 @@ class Room:
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
-
-    def guest_name(self):
-        self.guests += 1
-        return f"guest-{self.guests}"
 
     async def post(self, name, text, ref=None):
         """Store a message and send it to everyone; returns the stored message and True.
@@ -135,7 +135,13 @@ class Room:
         """
         if ref in self.refs:
             return self.refs[ref], False
-        message = {"type": "message", "id": self.last_id + 1, "name": name, "text": text, "ts": utc_now()}
+        message = {
+            "type": "message",
+            "id": self.last_id + 1,
+            "name": name,
+            "text": text,
+            "ts": utc_now(),
+        }
         if ref is not None:
             message["ref"] = ref
         return self.deliver(message), True
@@ -151,21 +157,10 @@ class Room:
         self.send_to_all(message)
         return message
 
-    async def recent(self, since, limit):
-        return self.messages_since(since, limit)
-
-    def messages_since(self, since=None, limit=None):
-        """Kept messages with an id greater than `since`, oldest first; the last 50 without it.
-
-        Ids only grow, so bisection finds the first one, and only what is returned is copied:
-        a room that keeps 100,000 messages answers as fast as one that keeps 100.
-        """
-        if since is None:
-            start = max(0, len(self.messages) - HISTORY_ON_CONNECT)
-        else:
-            start = bisect.bisect_right(self.messages, since, key=operator.itemgetter("id"))
-        stop = len(self.messages) if limit is None else min(len(self.messages), start + limit)
-        return [self.messages[i] for i in range(start, stop)]
+    def send_to_all(self, frame):
+        """Encode once, serialize once, write to everyone without waiting (a client that stops
+        reading is dropped by ChatConnection, so nobody waits for it)."""
+        send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
 
     async def join(self, connection, name, since):
         """Send the history, then count the connection in: no message can fall in between.
@@ -181,6 +176,8 @@ class Room:
                 await connection.send_in_time(self.history_frame(name, piece, more=True))
                 await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
                 piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
+        # broadcast() writes the last piece without awaiting, unlike `await send()`: so no
+        # message can be delivered between it and the next line, which counts this client in.
         broadcast([connection], self.history_frame(name, piece, more=False))
         self.clients[connection] = name
         self.presence_changed(joined=name)
@@ -190,7 +187,7 @@ class Room:
         far tell it, so the changes still waiting to be sent apply to it exactly once."""
         frame = {
             "type": "history",
-            "room": self.id,
+            "room": self.room_id,
             "name": name,
             "messages": piece,
             "more": more,
@@ -243,10 +240,26 @@ class Room:
         if "joined" in change:
             self.online[change["joined"]] += 1
 
-    def send_to_all(self, frame):
-        """Encode once, serialize once, write to everyone without waiting (a client that stops
-        reading is dropped by ChatConnection, so nobody waits for it)."""
-        send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
+    async def fetch(self, since, limit):
+        """GET /messages: messages_since(), as a coroutine that ask_room() can hand to the loop."""
+        return self.messages_since(since, limit)
+
+    def messages_since(self, since=None, limit=None):
+        """Kept messages with an id greater than `since`, oldest first; the last 50 without it.
+
+        Ids only grow, so bisection finds the first one, and only what is returned is copied:
+        a room that keeps 100,000 messages answers as fast as one that keeps 100.
+        """
+        if since is None:
+            start = max(0, len(self.messages) - HISTORY_ON_CONNECT)
+        else:
+            start = bisect.bisect_right(self.messages, since, key=operator.itemgetter("id"))
+        stop = len(self.messages) if limit is None else min(len(self.messages), start + limit)
+        return [self.messages[i] for i in range(start, stop)]
+
+    def guest_name(self):
+        self.guests += 1
+        return f"guest-{self.guests}"
 
     def check_http_rate(self, address):
         """The same limit for HTTP posts as for a websocket, per client address."""
@@ -256,7 +269,12 @@ class Room:
             raise TooFast()
 
     async def health(self):
-        return {"status": "ok", "clients": len(self.clients), "messages": len(self.messages), "last_id": self.last_id}
+        return {
+            "status": "ok",
+            "clients": len(self.clients),
+            "messages": len(self.messages),
+            "last_id": self.last_id,
+        }
 
     async def close(self):
         """Nothing to let go of here; the Redis room closes its connections."""
@@ -453,32 +471,18 @@ async def echo(connection):
 
 async def chat(connection):
     """One client in the room: history first, then its frames until it goes."""
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
-    errors = []
-    try:
-        name = clean_name(query["name"][0]) if "name" in query else room.guest_name()
-    except BadInput as error:
-        name = room.guest_name()
-        errors.append(str(error))
-    try:
-        since = parse_since(query.get("since", [None])[0])
-    except BadInput as error:
-        since = None
-        errors.append(str(error))
-    if query.get("room", [room.id])[0] != room.id:
-        since = None  # ids began again in this room: the client's `since` means nothing here
-
+    name, since, errors = read_query(connection)
     await room.join(connection, name, since)
     try:
-        for error in errors:
+        for error in errors:  # a bad name or since in the URL: said once the client listens
             await send_error(connection, error)
         bucket = TokenBucket()
         async for frame in connection:
             data = {}
             try:
                 data = read_frame(frame)
-                if data.get("type") == "ping":
-                    await connection.send(json.dumps({"type": "pong"}))  # the page's heartbeat: not a message
+                if data.get("type") == "ping":  # the page's heartbeat: answered, not counted
+                    await connection.send(json.dumps({"type": "pong"}))
                     continue
                 if not bucket.take():
                     raise TooFast()
@@ -521,13 +525,37 @@ async def post_from(connection, text, ref):
 
 async def send_error(connection, error, ref=None):
     """The error, with the `ref` of the message it refuses, so the page knows which one."""
-    frame = {"type": "error", "error": error}
+    frame = {
+        "type": "error",
+        "error": error,
+    }
     if is_ref(ref):
         frame["ref"] = ref
     await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
 # Guards of the websocket server (skip on a first reading) .................................
+
+
+def read_query(connection):
+    """The name and `since` asked for in the URL, and what was wrong with them.
+
+    A bad one does not refuse the connection (a browser cannot read why a handshake
+    failed): the client gets a guest name, or the last 50 messages, and an error frame.
+    """
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
+    name, since, errors = None, None, []
+    try:
+        name = clean_name(query["name"][0]) if "name" in query else None
+    except BadInput as error:
+        errors.append(str(error))
+    try:
+        since = parse_since(query.get("since", [None])[0])
+    except BadInput as error:
+        errors.append(str(error))
+    if query.get("room", [room.room_id])[0] != room.room_id:
+        since = None  # ids began again in this room: the client's `since` means nothing here
+    return name or room.guest_name(), since, errors
 
 
 def check_request(connection, request, max_clients):
@@ -618,17 +646,23 @@ api = hug.API(__name__)
 
 
 def ask_room(coroutine):
-    """Run a coroutine on the event loop's thread and wait for its answer.
+    """Run a coroutine on the room's event loop and wait for its answer.
 
     HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
     room.post(...) here only makes the coroutine: the loop runs it.
     """
-    return asyncio.run_coroutine_threadsafe(coroutine, room.loop).result(timeout=HTTP_WAIT)
+    return ask_loop(room.loop, coroutine)
+
+
+def ask_loop(loop, coroutine, timeout=HTTP_WAIT):
+    """The one bridge from another thread into the event loop's thread: hand it a coroutine,
+    wait for the answer (asyncio's thread-safe call; nothing else crosses)."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=timeout)
 
 
 @hug.get(["/messages", "/get_messages"], api=api)
 def get_messages(since: since_type = 0, limit: limit_type = 100):
-    return {"messages": ask_room(room.recent(since, limit))}
+    return {"messages": ask_room(room.fetch(since, limit))}
 
 
 @hug.post("/messages", api=api, status=hug.HTTP_201)
@@ -682,7 +716,7 @@ def config():
     return {
         "ws_port": room.ws_port,
         "ws_path": "/ws" if policy.public_url else None,  # behind a proxy: the page's own origin, at /ws
-        "room": room.id,
+        "room": room.room_id,
         "max_text": MAX_TEXT,
         "max_name": MAX_NAME,
     }
@@ -908,8 +942,7 @@ async def open_room(redis_url, history, loop, ws_port):
     """
     if not redis_url:
         return Room(history, loop, ws_port)
-    sys.modules.setdefault("chat", sys.modules[__name__])  # run as a script, this module is
-    try:  # `chat` for redis_room's `import chat` too, rather than a second copy of it
+    try:
         import redis_room
     except ModuleNotFoundError as missing:
         raise RoomUnavailable(f"--redis needs {missing.name}: python -m pip install redis") from None
@@ -932,16 +965,15 @@ class Servers:
             self.port = int(self.http_server.effective_port)  # a string in waitress; real also for --port 0
             global policy
             policy = Policy(self.port, allowed_hosts, public_url)
-            self.ws_server = self.in_loop(self.start_websockets(host, ws_port, history, redis_url))
+            starting = self.start_websockets(host, ws_port, history, redis_url)
+            self.ws_server = ask_loop(self.loop, starting, timeout=10)
+            self.room = room  # the module's `room` too, which the handlers use
             self.ws_port = room.ws_port
             self.http_thread = threading.Thread(target=self.http_server.run, name="http")
             self.http_thread.start()
         except BaseException:
             self.stop()
             raise
-
-    def in_loop(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=10)
 
     def bind_http(self, host, port, behind_proxy):
         app = api.http.server(default_not_found=False)
@@ -991,28 +1023,40 @@ class Servers:
         return server
 
     def stop(self):
-        """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client)."""
-        if hasattr(self, "http_thread"):
-            close_all = lambda: waitress.wasyncore.close_all(self.socket_map)  # noqa: E731
-            try:
-                self.http_server.trigger.pull_trigger(close_all)  # runs in waitress's own thread
-            except OSError:
-                pass  # a request's pull woke that thread first: close_all ran, the trigger is closed
-            self.http_thread.join(5)
-        elif hasattr(self, "http_server"):
-            waitress.wasyncore.close_all(self.socket_map)  # bound, never served
+        """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client).
+
+        Also after a failed start: each step runs only if its server got that far.
+        """
         if hasattr(self, "http_server"):
-            self.http_server.task_dispatcher.shutdown(timeout=5)
+            stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
         if hasattr(self, "ws_server"):
             self.ws_server.close()
-            self.in_loop(self.ws_server.wait_closed())
-            self.in_loop(room.close())
+            ask_loop(self.loop, self.ws_server.wait_closed())
+            ask_loop(self.loop, self.room.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(5)
         self.loop.close()
 
 
 # Limits with headroom, and waitress's shutdown (skip on a first reading) ..................
+
+
+def stop_waitress(server, socket_map, thread):
+    """Stop a waitress server that runs in `thread` (None: bound, but never served).
+
+    waitress documents only serve(), which runs until the process ends. To stop it from
+    another thread, its own trigger (a pipe its I/O loop watches) runs close_all() in that
+    loop; a request's wake-up can come first and close the trigger, which is just as good.
+    Then its worker threads finish the requests they have.
+    """
+    close_all = functools.partial(waitress.wasyncore.close_all, socket_map)
+    if thread is None:
+        close_all()
+    else:
+        with contextlib.suppress(OSError):  # the trigger was closed by the time we pulled it
+            server.trigger.pull_trigger(close_all)
+        thread.join(5)
+    server.task_dispatcher.shutdown(timeout=5)
 
 
 def raise_fd_limit():
@@ -1185,4 +1229,8 @@ def positive(value):
 
 
 if __name__ == "__main__":
+    # redis_room.py builds on this module (`import chat`, for chat.Room). Run as a script, this
+    # module is `__main__`: naming it `chat` too keeps `import chat` from loading a second copy,
+    # with a second, empty `room`.
+    sys.modules["chat"] = sys.modules[__name__]
     sys.exit(main())
