@@ -45,7 +45,7 @@ from pathlib import Path
 # NumPy 2 removed (np.unicode_), so `import hug` fails. The chat needs no NumPy: it is
 # hidden while hug loads, and then given back to any other code.
 sys.modules.setdefault("numpy", None)
-import hug  # noqa: E402
+import hug
 
 if sys.modules["numpy"] is None:
     del sys.modules["numpy"]
@@ -92,7 +92,9 @@ MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then 
 MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
 HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
 FD_RESERVED = 64  # descriptors for everything else: listening sockets, pipes, Redis, log files
-PROXY = "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
+PROXY = (
+    "127.0.0.1"  # with --public-url, the proxy on this machine whose X-Forwarded-For is believed
+)
 
 
 # --- The room -------------------------------------------------------------------------
@@ -120,7 +122,9 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
-        self.online = collections.Counter()  # name -> connections, as presence frames told it so far
+        self.online = (
+            collections.Counter()
+        )  # name -> connections, as presence frames told it so far
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
@@ -429,7 +433,7 @@ def whole_number(text, low, high):
 
 def utc_now():
     """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -513,7 +517,9 @@ async def handle_frame(connection, data):
     elif data.get("type") == "name":
         room.rename(connection, clean_name(data.get("name")))
     else:
-        raise BadInput(f"unknown type: {str(data.get('type'))[:40]!r} (use 'message', 'name' or 'ping')")
+        raise BadInput(
+            f"unknown type: {str(data.get('type'))[:40]!r} (use 'message', 'name' or 'ping')"
+        )
 
 
 async def post_from(connection, text, ref):
@@ -559,18 +565,22 @@ def read_query(connection):
 
 
 def check_request(connection, request, max_clients):
-    """Refuse unknown paths (404), handshakes the policy below refuses (403) and a full room (503)."""
+    """Refuse unknown paths (404), what the policy refuses (403) and a full room (503)."""
     if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
     host, origin = request.headers.get("Host"), request.headers.get("Origin")
     try:
         refusal = policy.host_refusal(host) or policy.origin_refusal(origin, host)
     except ValueError:  # "Host: [" is no host name at all
-        return connection.respond(http.HTTPStatus.BAD_REQUEST, "The Host header is not a host name\n")
+        return connection.respond(
+            http.HTTPStatus.BAD_REQUEST, "The Host header is not a host name\n"
+        )
     if refusal:
         return connection.respond(http.HTTPStatus.FORBIDDEN, refusal + "\n")
     if is_full(connection.server, max_clients):
-        return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n")
+        return connection.respond(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
+        )
     return None
 
 
@@ -666,14 +676,21 @@ def get_messages(since: since_type = 0, limit: limit_type = 100):
 
 
 @hug.post("/messages", api=api, status=hug.HTTP_201)
-def post_message(request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None):
-    """Store and broadcast a message; answers 201 and the stored message (200 for a repeated ref)."""
+def post_message(
+    request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None
+):
+    """Store and broadcast a message: 201 and the stored message (200 for a repeated ref)."""
     return add_http_message(request, response, name, text, ref)
 
 
 @hug.post("/send_message", api=api, status=hug.HTTP_201)
 def send_message(
-    request, response, text: clean_text = None, message: clean_text = None, name: clean_name = None, ref: clean_ref = None
+    request,
+    response,
+    text: clean_text = None,
+    message: clean_text = None,
+    name: clean_name = None,
+    ref: clean_ref = None,
 ):
     """The seed tutorial's name for POST /messages, which called the text `message`."""
     if text is None and message is None:
@@ -715,7 +732,9 @@ def config():
     """What the page needs to connect."""
     return {
         "ws_port": room.ws_port,
-        "ws_path": "/ws" if policy.public_url else None,  # behind a proxy: the page's own origin, at /ws
+        "ws_path": "/ws"
+        if policy.public_url
+        else None,  # behind a proxy: the page's own origin, at /ws
         "room": room.room_id,
         "max_text": MAX_TEXT,
         "max_name": MAX_NAME,
@@ -752,7 +771,9 @@ def websocket_address(host):
 
 def inline_hashes(html, tag):
     blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
-    digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
+    digests = (
+        base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks
+    )
     return " ".join(f"'sha256-{digest}'" for digest in digests)
 
 
@@ -781,7 +802,9 @@ class Policy:
 
     def __init__(self, http_port=8000, allowed_hosts=(), public_url=None):
         self.http_port = http_port
-        self.public_url = public_url  # e.g. https://chat.example.org, the page's origin behind a proxy
+        self.public_url = (
+            public_url  # e.g. https://chat.example.org, the page's origin behind a proxy
+        )
         self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
         if public_url:
             self.names.add(urllib.parse.urlsplit(public_url).hostname)
@@ -791,7 +814,10 @@ class Policy:
         name = host_name(host)
         if not host or name in self.names or name.endswith(".localhost") or is_ip_address(name):
             return None
-        return f"this chat does not answer to the host name {name!r}: if it is yours, start it with --allow-host {name}"
+        return (
+            f"this chat does not answer to the host name {name!r}: "
+            f"if it is yours, start it with --allow-host {name}"
+        )
 
     def origin_refusal(self, origin, host):
         """Why a write or a handshake from this Origin is refused; None when it is served."""
@@ -800,7 +826,7 @@ class Policy:
         return f"a page from {origin[:100]} may not post to this chat: only the chat's own page may"
 
     def page_origin(self, host):
-        """The chat page's own origin: the --public-url, or the host the browser asked for on the HTTP port."""
+        """The chat page's own origin: the --public-url, or the browser's Host on the HTTP port."""
         if self.public_url:
             return self.public_url
         return f"http://{url_host(host_name(host))}:{self.http_port}"
@@ -909,7 +935,12 @@ def read_multipart(body, **header_params):
         raise BadInput("the multipart body has no valid boundary") from None
 
 
-READABLE = ("application/json", "application/x-www-form-urlencoded", "text/plain", "multipart/form-data")
+READABLE = (
+    "application/json",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "multipart/form-data",
+)
 
 
 @hug.request_middleware(api=api)
@@ -920,7 +951,9 @@ def refuse_unreadable_bodies(request, response):
     if request.content_length and content_type not in READABLE:
         response.status = hug.HTTP_415
         response.content_type = "application/json; charset=utf-8"
-        response.body = json.dumps({"errors": {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}})
+        response.body = json.dumps(
+            {"errors": {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}}
+        )
         response.complete = True  # falcon: answer now, skip the route
 
 
@@ -945,7 +978,9 @@ async def open_room(redis_url, history, loop, ws_port):
     try:
         import redis_room
     except ModuleNotFoundError as missing:
-        raise RoomUnavailable(f"--redis needs {missing.name}: python -m pip install redis") from None
+        raise RoomUnavailable(
+            f"--redis needs {missing.name}: python -m pip install redis"
+        ) from None
     return await redis_room.open_room(redis_url, history, loop, ws_port)
 
 
@@ -953,16 +988,29 @@ class Servers:
     """The two running servers, their threads and real ports; stop() ends them all."""
 
     def __init__(
-        self, host="127.0.0.1", port=8000, ws_port=8765, history=1000, redis_url=None, allowed_hosts=(), public_url=None
+        self,
+        host="127.0.0.1",
+        port=8000,
+        ws_port=8765,
+        history=1000,
+        redis_url=None,
+        allowed_hosts=(),
+        public_url=None,
     ):
-        self.http_connections, self.max_clients, self.max_connections = connection_limits(raise_fd_limit())
+        self.http_connections, self.max_clients, self.max_connections = connection_limits(
+            raise_fd_limit()
+        )
         log_repeated_errors_once()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:
-            self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))  # serves from run()
-            self.port = int(self.http_server.effective_port)  # a string in waitress; real also for --port 0
+            self.http_server = self.bind_http(
+                host, port, behind_proxy=bool(public_url)
+            )  # serves from run()
+            self.port = int(
+                self.http_server.effective_port
+            )  # a string in waitress; real also for --port 0
             global policy
             policy = Policy(self.port, allowed_hosts, public_url)
             starting = self.start_websockets(host, ws_port, history, redis_url)
@@ -993,8 +1041,12 @@ class Servers:
             "backlog": 1024,  # connections the kernel queues while waitress is busy
             "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
         }
-        if behind_proxy:  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
-            settings.update(trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"})
+        if (
+            behind_proxy
+        ):  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
+            settings.update(
+                trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"}
+            )
         return waitress.create_server(app, host=host, port=port, **settings)
 
     async def start_websockets(self, host, ws_port, history, redis_url):
@@ -1008,7 +1060,9 @@ class Servers:
             open_timeout=OPEN_TIMEOUT,
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
-            create_connection=functools.partial(ChatConnection, max_connections=self.max_connections),
+            create_connection=functools.partial(
+                ChatConnection, max_connections=self.max_connections
+            ),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
@@ -1123,17 +1177,29 @@ def log_repeated_errors_once():
 
 def main(argv=None):
     args = parse_args(argv)
-    stop = threading.Event()  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
+    stop = (
+        threading.Event()
+    )  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        servers = Servers(args.host, args.port, args.ws_port, args.history, args.redis, args.allow_host, args.public_url)
+        servers = Servers(
+            args.host,
+            args.port,
+            args.ws_port,
+            args.history,
+            args.redis,
+            args.allow_host,
+            args.public_url,
+        )
     except RoomUnavailable as error:
         print(f"chat.py: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
         where = f"{args.host}, port {args.port} or {args.ws_port}"
-        print(f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
+        print(
+            f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr
+        )
         return 2
 
     addresses = reachable_addresses(args.host)
@@ -1161,7 +1227,9 @@ def reachable_addresses(host):
     if host not in ("0.0.0.0", "::"):
         return [host]
     family, somewhere, loopback = (
-        (socket.AF_INET, "198.51.100.1", "127.0.0.1") if host == "0.0.0.0" else (socket.AF_INET6, "2001:db8::1", "::1")
+        (socket.AF_INET, "198.51.100.1", "127.0.0.1")
+        if host == "0.0.0.0"
+        else (socket.AF_INET6, "2001:db8::1", "::1")
     )
     found = []
     with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
@@ -1169,7 +1237,9 @@ def reachable_addresses(host):
         found.append(probe.getsockname()[0])
     with contextlib.suppress(OSError):
         found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
-    lan = [address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback]
+    lan = [
+        address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback
+    ]
     return [*dict.fromkeys(lan), loopback]
 
 
@@ -1177,18 +1247,33 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="chat.py", usage=argparse.SUPPRESS, description="A real-time chat: hug + websockets."
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, default=8000, help="HTTP port, 0 for any free one")
-    parser.add_argument("--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one")
-    parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
-    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
-    parser.add_argument("--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py")
     parser.add_argument(
-        "--allow-host", metavar="NAME", type=host_name_argument, action="append", default=[],
-        help="a host name the chat answers to, besides IP addresses, localhost and this machine's name (repeatable)",
+        "--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)"
     )
     parser.add_argument(
-        "--public-url", metavar="URL", type=public_url,
+        "--port", type=port_number, default=8000, help="HTTP port, 0 for any free one"
+    )
+    parser.add_argument(
+        "--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one"
+    )
+    parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
+    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
+    parser.add_argument(
+        "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
+    )
+    parser.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        type=host_name_argument,
+        action="append",
+        default=[],
+        help="a host name the chat answers to, besides IP addresses, localhost, *.localhost "
+        "and this machine's name (repeatable)",
+    )
+    parser.add_argument(
+        "--public-url",
+        metavar="URL",
+        type=public_url,
         help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
     )
     return parser.parse_args(argv)
@@ -1200,7 +1285,9 @@ def host_name_argument(value):
     except ValueError:
         name = None
     if not name or name != value.lower().rstrip(".") or "/" in value:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a host name such as chat.lan (no scheme, no port)")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a host name such as chat.lan (no scheme, no port)"
+        )
     return name
 
 
@@ -1208,10 +1295,17 @@ def public_url(value):
     """http(s)://host[:port] and no path: the page's origin, where it finds /config and /ws."""
     if origin_parts(value):  # None when it is no URL at all, or its port is not a number
         url = urllib.parse.urlsplit(value)
-        if url.scheme in ("http", "https") and url.hostname and "@" not in url.netloc and url.path in ("", "/"):
-            if not url.query and not url.fragment:
-                return f"{url.scheme}://{url.netloc.lower()}"
-    raise argparse.ArgumentTypeError(f"{value!r} is not a URL such as https://chat.example.org (no path)")
+        just_an_origin = url.path in ("", "/") and not url.query and not url.fragment
+        if (
+            url.scheme in ("http", "https")
+            and url.hostname
+            and "@" not in url.netloc
+            and just_an_origin
+        ):
+            return f"{url.scheme}://{url.netloc.lower()}"
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not a URL such as https://chat.example.org (no path)"
+    )
 
 
 def port_number(value):
