@@ -41,7 +41,7 @@ MESSAGE_PREFIX = b'{"type": "message", "id": '  # both servers start every messa
 
 # --- The baseline server ---------------------------------------------------------------
 
-BASELINE = r'''
+BASELINE = r"""
 import asyncio, datetime, itertools, json, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from websockets.asyncio.server import broadcast, serve
@@ -97,9 +97,9 @@ async def main():
         await server.serve_forever()
 
 asyncio.run(main())
-'''
+"""
 
-AIOHTTP = r'''
+AIOHTTP = r"""
 import asyncio, datetime, itertools, json, socket
 from aiohttp import WSMsgType, web
 
@@ -141,7 +141,7 @@ async def main():
     await asyncio.Event().wait()
 
 asyncio.run(main())
-'''
+"""
 
 CHAT = (
     "import sys, chat\n"
@@ -156,9 +156,21 @@ class Server:
     def __init__(self, kind, redis_url=None):
         command = [sys.executable, "-c", AIOHTTP if kind == "aiohttp" else BASELINE]
         if kind == "chat":
-            command = [sys.executable, "-c", CHAT, "--port", "0", "--ws-port", "0", "--history", "100000"]
+            command = [
+                sys.executable,
+                "-c",
+                CHAT,
+                "--port",
+                "0",
+                "--ws-port",
+                "0",
+                "--history",
+                "100000",
+            ]
             command += ["--redis", redis_url] if redis_url else []
-        self.process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.process = subprocess.Popen(
+            command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         self.port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
         self.ws_port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
 
@@ -195,7 +207,11 @@ class Client(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
         key = base64.b64encode(os.urandom(16)).decode()
-        offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if self.deflate else ""
+        offer = (
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            if self.deflate
+            else ""
+        )
         transport.write(
             f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
@@ -251,7 +267,9 @@ async def open_clients(port, count, deflate=False, on_message=None, path="/"):
     clients = []
     for first in range(0, count, 100):  # in groups, so the listen backlog is never full
         batch = [
-            loop.create_connection(lambda: Client(port, deflate, on_message, path), "127.0.0.1", port)
+            loop.create_connection(
+                lambda: Client(port, deflate, on_message, path), "127.0.0.1", port
+            )
             for _ in range(first, min(count, first + 100))
         ]
         for _, client in await asyncio.gather(*batch):
@@ -342,7 +360,9 @@ async def fan_out_latency(ws_ports, receivers, seconds, rate=20):
     clients = []
     for ws_port in ws_ports:
         clients += await open_clients(
-            ws_port, receivers // len(ws_ports), on_message=lambda i, now: latencies.append(now - sent_at[i])
+            ws_port,
+            receivers // len(ws_ports),
+            on_message=lambda i, now: latencies.append(now - sent_at[i]),
         )
     sender = clients[0]
     total = int(seconds * rate)
@@ -353,8 +373,13 @@ async def fan_out_latency(ws_ports, receivers, seconds, rate=20):
             sent_at[n] = time.perf_counter()
             sender.send(text_of(n))
         await wait_for_delivery(clients, total, 30)
-    result = {"receivers": receivers, "messages": total, **percentiles(latencies), "generator_cpu": meter.share,
-              **integrity(clients, total)}
+    result = {
+        "receivers": receivers,
+        "messages": total,
+        **percentiles(latencies),
+        "generator_cpu": meter.share,
+        **integrity(clients, total),
+    }
     close_all(clients)
     return result
 
@@ -369,7 +394,9 @@ def percentiles(latencies):
 async def http_to_websocket(port, ws_port, receivers, seconds, connections=8):
     """POST /messages from keep-alive connections; time from the request to each delivery."""
     posted_at, deliveries = {}, []
-    clients = await open_clients(ws_port, receivers, on_message=lambda i, now: deliveries.append((i, now)))
+    clients = await open_clients(
+        ws_port, receivers, on_message=lambda i, now: deliveries.append((i, now))
+    )
     requests = 0
 
     async def poster(n):
@@ -381,7 +408,8 @@ async def http_to_websocket(port, ws_port, receivers, seconds, connections=8):
             begun = time.perf_counter()
             writer.write(
                 f"POST /messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
@@ -396,8 +424,13 @@ async def http_to_websocket(port, ws_port, receivers, seconds, connections=8):
         took = time.perf_counter() - started
         await wait_for_delivery(clients, requests, 30)
     latencies = [now - posted_at[i] for i, now in deliveries]
-    result = {"receivers": receivers, "requests_per_s": requests / took, **percentiles(latencies),
-              "generator_cpu": meter.share, **integrity(clients, requests)}
+    result = {
+        "receivers": receivers,
+        "requests_per_s": requests / took,
+        **percentiles(latencies),
+        "generator_cpu": meter.share,
+        **integrity(clients, requests),
+    }
     close_all(clients)
     return result
 
@@ -432,7 +465,7 @@ async def resume(server_pid, ws_port, kept, size=2000, window=200):
     memory on top of what it held, and the longest ping (the event loop's stall as another
     client sees it) against the longest ping of the same client with nothing going on."""
     moved = asyncio.Event()
-    sender, = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
+    (sender,) = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
     sent = 0
     while sender.last_id < kept:  # fill the room, at most `window` messages in flight
         while sent < min(kept, sender.last_id + window):
@@ -451,12 +484,19 @@ async def resume(server_pid, ws_port, kept, size=2000, window=200):
         before = rss(server_pid)
         pings = asyncio.create_task(ping_times(pinger, busy, seconds=600))
         started = time.perf_counter()
-        client, = await open_clients(ws_port, 1, path="/?since=0")
+        (client,) = await open_clients(ws_port, 1, path="/?since=0")
         await wait_for_delivery([client], kept, 120)
         took = time.perf_counter() - started
         pings.cancel()
-    result = {"kept": kept, "size": size, "resume_s": took, "peak_mb": (rss(server_pid, "VmHWM") - before) / 2**20,
-              "stall_ms": max(busy, default=0) * 1000, "idle_stall_ms": max(idle) * 1000, **integrity([client], kept)}
+    result = {
+        "kept": kept,
+        "size": size,
+        "resume_s": took,
+        "peak_mb": (rss(server_pid, "VmHWM") - before) / 2**20,
+        "stall_ms": max(busy, default=0) * 1000,
+        "idle_stall_ms": max(idle) * 1000,
+        **integrity([client], kept),
+    }
     close_all([client])
     return result
 
@@ -491,25 +531,48 @@ def generate(scenario, args):
 
 def scenarios(quick):
     seconds = 2 if quick else 6
-    return [
-        ("throughput", f"fan-out throughput, {n} receivers", {"receivers": n, "seconds": seconds})
-        for n in ((100, 500) if quick else (100, 1000))
-    ] + [
-        ("latency", f"latency at 20 msg/s, {n} receivers", {"receivers": n, "seconds": seconds * 2})
-        for n in ((100, 500) if quick else (100, 300, 1000))
-    ] + [
-        ("latency", f"latency at 20 msg/s, {n} receivers on 2 chat.py + Redis", {"receivers": n, "seconds": seconds * 2,
-                                                                             "processes": 2})
-        for n in ((100,) if quick else (1000,)) if shutil.which("redis-server") and importlib.util.find_spec("redis")
-    ] + [
-        ("http", "POST /messages to delivery, 100 receivers", {"receivers": 100, "seconds": seconds}),
-        ("memory", "memory per idle connection", {"connections": 500 if quick else 2000}),
-    ]
+    return (
+        [
+            (
+                "throughput",
+                f"fan-out throughput, {n} receivers",
+                {"receivers": n, "seconds": seconds},
+            )
+            for n in ((100, 500) if quick else (100, 1000))
+        ]
+        + [
+            (
+                "latency",
+                f"latency at 20 msg/s, {n} receivers",
+                {"receivers": n, "seconds": seconds * 2},
+            )
+            for n in ((100, 500) if quick else (100, 300, 1000))
+        ]
+        + [
+            (
+                "latency",
+                f"latency at 20 msg/s, {n} receivers on 2 chat.py + Redis",
+                {"receivers": n, "seconds": seconds * 2, "processes": 2},
+            )
+            for n in ((100,) if quick else (1000,))
+            if shutil.which("redis-server") and importlib.util.find_spec("redis")
+        ]
+        + [
+            (
+                "http",
+                "POST /messages to delivery, 100 receivers",
+                {"receivers": 100, "seconds": seconds},
+            ),
+            ("memory", "memory per idle connection", {"connections": 500 if quick else 2000}),
+        ]
+    )
 
 
 def resumes(quick):
-    return [("resume", f"resume of {kept:,} kept messages of 2,000 characters", {"kept": kept})
-            for kept in ((1000, 10_000) if quick else (1000, 100_000))]
+    return [
+        ("resume", f"resume of {kept:,} kept messages of 2,000 characters", {"kept": kept})
+        for kept in ((1000, 10_000) if quick else (1000, 100_000))
+    ]
 
 
 def run_resumes(quick):
@@ -518,7 +581,12 @@ def run_resumes(quick):
     rows = []
     for step, (scenario, title, args) in enumerate(resumes(quick), 1):
         print(f"[resume {step}/{len(resumes(quick))}] {title} ...", file=sys.stderr, flush=True)
-        row = {"scenario": scenario, "title": title, "args": args, "chat": measure("chat", scenario, args)}
+        row = {
+            "scenario": scenario,
+            "title": title,
+            "args": args,
+            "chat": measure("chat", scenario, args),
+        }
         rows.append(row)
         print("    " + resume_summary(row), file=sys.stderr, flush=True)
     return rows
@@ -526,20 +594,26 @@ def run_resumes(quick):
 
 def resume_summary(row):
     r = row["chat"]
-    return (f"{r['resume_s']:.2f} s, peak +{r['peak_mb']:.0f} MB, longest ping {r['stall_ms']:.1f} ms "
-            f"(idle {r['idle_stall_ms']:.1f} ms), lost, dup, reordered {r['lost']}, {r['duplicated']}, {r['reordered']}")
+    return (
+        f"{r['resume_s']:.2f} s, peak +{r['peak_mb']:.0f} MB, longest ping {r['stall_ms']:.1f} ms "
+        f"(idle {r['idle_stall_ms']:.1f} ms), lost, dup, reordered {r['lost']}, {r['duplicated']}, {r['reordered']}"
+    )
 
 
 def resume_table(rows):
     lines = [
-        ("| resume with since=0 | time (s) | server peak memory (MB above before) | another client's longest ping: "
-         "during / idle (ms) | lost, dup, reordered |"),
+        (
+            "| resume with since=0 | time (s) | server peak memory (MB above before) | another client's longest ping: "
+            "during / idle (ms) | lost, dup, reordered |"
+        ),
         "|---|---|---|---|---|",
     ]
     for row in rows:
         r = row["chat"]
-        lines.append(f"| {row['title']} | {r['resume_s']:.2f} | {r['peak_mb']:.0f} | {r['stall_ms']:.1f} / "
-                     f"{r['idle_stall_ms']:.1f} | {r['lost']}, {r['duplicated']}, {r['reordered']} |")
+        lines.append(
+            f"| {row['title']} | {r['resume_s']:.2f} | {r['peak_mb']:.0f} | {r['stall_ms']:.1f} / "
+            f"{r['idle_stall_ms']:.1f} | {r['lost']}, {r['duplicated']}, {r['reordered']} |"
+        )
     return "\n".join(lines)
 
 
@@ -550,17 +624,26 @@ def measure(kind, scenario, args):
     redis_url = redis_server and f"redis://127.0.0.1:{redis_server.args[2]}/0"
     servers = [Server(kind, redis_url) for _ in range(2 if redis_server else 1)]
     try:
-        args = {**args, "port": servers[0].port, "ws_port": servers[0].ws_port, "pid": servers[0].process.pid,
-                "ws_ports": [server.ws_port for server in servers]}
+        args = {
+            **args,
+            "port": servers[0].port,
+            "ws_port": servers[0].ws_port,
+            "pid": servers[0].process.pid,
+            "ws_ports": [server.ws_port for server in servers],
+        }
         cpu_before = sum(server.cpu_seconds() for server in servers)
         generator = subprocess.run(
             [sys.executable, __file__, "--generate", scenario, json.dumps(args)],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         if generator.returncode:
             raise RuntimeError(f"load generator failed:\n{generator.stderr}")
         result = json.loads(generator.stdout)
-        result.setdefault("server_cpu_s", sum(server.cpu_seconds() for server in servers) - cpu_before)  # throughput reads its own
+        cpu_s = sum(server.cpu_seconds() for server in servers) - cpu_before
+        result.setdefault("server_cpu_s", cpu_s)  # throughput reads its own
         if scenario == "throughput":  # the server's own cost, whoever saturated first
             result["deliveries_per_cpu_s"] = result["deliveries"] / result["server_cpu_s"]
         return result
@@ -577,7 +660,17 @@ def start_redis():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     redis_server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
     )
     for _ in range(100):
@@ -601,18 +694,32 @@ def run_all(quick, only=None, repeats=3, aiohttp=False):
     plan = [step for step in scenarios(quick) if not only or step[0] in only]
     for step, (scenario, title, args) in enumerate(plan, 1):
         kinds = ["baseline", "chat"] + (["aiohttp"] if aiohttp and scenario == "throughput" else [])
-        row = {"scenario": scenario, "title": title, "args": args, "runs": {kind: [] for kind in kinds}}
+        row = {
+            "scenario": scenario,
+            "title": title,
+            "args": args,
+            "runs": {kind: [] for kind in kinds},
+        }
         runs = 1 if quick or scenario in ("memory", "http") else repeats  # fan-out is the noisiest
         for repeat in range(runs):
-            for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:  # each goes first in turn
-                print(f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{runs}) ...", file=sys.stderr, flush=True)
+            # each goes first in turn
+            for kind in kinds[repeat % len(kinds) :] + kinds[: repeat % len(kinds)]:
+                print(
+                    f"[{step}/{len(plan)}] {title}: {kind} ({repeat + 1}/{runs}) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 row["runs"][kind].append(measure(kind, scenario, args))
         for kind in ("baseline", "chat"):
             row[kind] = median_run(row["runs"][kind], HEADLINE[scenario][0])
         rows.append(with_ratio(row))
         print("    " + summary(row), file=sys.stderr, flush=True)
         if scenario == "throughput":
-            efficiency = {**row, "scenario": "efficiency", "title": title.replace("throughput", "efficiency")}
+            efficiency = {
+                **row,
+                "scenario": "efficiency",
+                "title": title.replace("throughput", "efficiency"),
+            }
             for kind in ("baseline", "chat"):
                 efficiency[kind] = median_run(row["runs"][kind], "deliveries_per_cpu_s")
             rows.append(with_ratio(efficiency))
@@ -664,9 +771,12 @@ def table(rows):
         if row["scenario"] in ("memory", "efficiency"):
             faults = cpu = ""
         else:
-            faults = " / ".join(f"{r['lost']}, {r['duplicated']}, {r['reordered']}" for r in (chat, baseline))
+            faults = " / ".join(
+                f"{r['lost']}, {r['duplicated']}, {r['reordered']}" for r in (chat, baseline)
+            )
             cpu = " / ".join(
-                f"{r['generator_cpu']:.0%}" + (" saturated" if r["generator_cpu"] > 0.9 else "") for r in (chat, baseline)
+                f"{r['generator_cpu']:.0%}" + (" saturated" if r["generator_cpu"] > 0.9 else "")
+                for r in (chat, baseline)
             )
         lines.append(
             f"| {row['title']} ({unit}) | {chat[key]:,.1f} | {baseline[key]:,.1f} | {row['ratio']:.2f} | {faults} | {cpu} |"
@@ -687,8 +797,21 @@ def plot(rows, path):
     receivers = [r["args"]["receivers"] for r in latency]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for kind, style, colour in (("chat", "o-", "tab:blue"), ("baseline", "s--", "tab:gray")):
-        axes.plot(receivers, [r[kind]["p99_ms"] for r in latency], style, color=colour, label=f"{kind} p99")
-        axes.plot(receivers, [r[kind]["p50_ms"] for r in latency], style, color=colour, alpha=0.4, label=f"{kind} p50")
+        axes.plot(
+            receivers,
+            [r[kind]["p99_ms"] for r in latency],
+            style,
+            color=colour,
+            label=f"{kind} p99",
+        )
+        axes.plot(
+            receivers,
+            [r[kind]["p50_ms"] for r in latency],
+            style,
+            color=colour,
+            alpha=0.4,
+            label=f"{kind} p50",
+        )
     axes.set_xlabel("receivers")
     axes.set_ylabel("send to receive, ms")
     axes.set_title("Latency at 20 messages a second")
@@ -698,15 +821,30 @@ def plot(rows, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Benchmark chat.py against a minimal websockets broadcast server.")
+    parser = argparse.ArgumentParser(
+        description="Benchmark chat.py against a minimal websockets broadcast server."
+    )
     parser.add_argument("--quick", action="store_true", help="a small run, under a minute")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="plot latency against receivers (needs matplotlib)")
-    parser.add_argument("--only", action="append", choices=("throughput", "latency", "http", "memory"),
-                        help="run only this kind of scenario (repeatable); throughput also gives efficiency")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)")
-    parser.add_argument("--aiohttp", action="store_true", help="fan-out also against an aiohttp server (needs aiohttp)")
-    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)  # the load generator's own process
+    parser.add_argument(
+        "--plot", metavar="PNG", help="plot latency against receivers (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("throughput", "latency", "http", "memory"),
+        help="run only this kind of scenario (repeatable); throughput also gives efficiency",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)"
+    )
+    parser.add_argument(
+        "--aiohttp",
+        action="store_true",
+        help="fan-out also against an aiohttp server (needs aiohttp)",
+    )
+    # the load generator's own process
+    parser.add_argument("--generate", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         return generate(args.generate[0], json.loads(args.generate[1]))
@@ -718,15 +856,24 @@ def main():
     if resume_rows:
         print()
         print(resume_table(resume_rows))
-    faults = sum(r[k][f] for r in rows if r["scenario"] not in ("memory", "efficiency")
-                 for k in ("chat", "baseline") for f in ("lost", "duplicated", "reordered"))
+    faults = sum(
+        r[k][f]
+        for r in rows
+        if r["scenario"] not in ("memory", "efficiency")
+        for k in ("chat", "baseline")
+        for f in ("lost", "duplicated", "reordered")
+    )
     faults += sum(r["chat"][f] for r in resume_rows for f in ("lost", "duplicated", "reordered"))
     if any(r[k].get("generator_cpu", 0) > 0.9 for r in rows for k in ("chat", "baseline")):
-        print("The load generator saturated a core in some runs (see the table): there, both servers were\n"
-              "measured against the same limit, and 'deliveries per server CPU-second' is the fairer figure.")
+        print(
+            "The load generator saturated a core in some runs (see the table): there, both servers were\n"
+            "measured against the same limit, and 'deliveries per server CPU-second' is the fairer figure."
+        )
     print(f"\nLost, duplicated or reordered deliveries in all runs: {faults}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"quick": args.quick, "rows": rows + resume_rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"quick": args.quick, "rows": rows + resume_rows}, indent=2)
+        )
     if args.plot:
         plot(rows, args.plot)
     return 1 if faults else 0

@@ -114,7 +114,10 @@ def lag(browser, rate, seconds):
         post(count, 0, 1 / rate)
         wait_drawn(page, count)
         lags = [lag for lag in page.evaluate("lags") if lag is not None]  # a page may skip some
-        return {"worst_lag_s": max(lags) / 1000, "behind_at_end_s": page.evaluate(f"lags[{count}]") / 1000}
+        return {
+            "worst_lag_s": max(lags) / 1000,
+            "behind_at_end_s": page.evaluate(f"lags[{count}]") / 1000,
+        }
     finally:
         context.close()
         servers.stop()
@@ -124,8 +127,13 @@ def baseline_page(path):
     if path:
         return Path(path).read_text(encoding="utf-8")
     where = Path(__file__).parent
-    return subprocess.run(["git", "show", f"{BEFORE}:chat.html"], cwd=where, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        ["git", "show", f"{BEFORE}:chat.html"],
+        cwd=where,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def measure(browser, name, html, levels, rate, seconds):
@@ -139,23 +147,42 @@ def measure(browser, name, html, levels, rate, seconds):
 
 
 def table(rows, levels):
-    head = "| page | " + " | ".join(f"ms per append at {n:,}" for n in levels) + " | worst lag | behind at the end |"
+    head = (
+        "| page | "
+        + " | ".join(f"ms per append at {n:,}" for n in levels)
+        + " | worst lag | behind at the end |"
+    )
     lines = [head, "|" + "---|" * (len(levels) + 3)]
     for row in rows:
         costs = " | ".join(f"{row['per_append_ms'][n]:.2f}" for n in levels)
-        lines.append(f"| {row['page']} | {costs} | {row['worst_lag_s']:.2f} s | {row['behind_at_end_s']:.2f} s |")
+        lines.append(
+            f"| {row['page']} | {costs} | {row['worst_lag_s']:.2f} s | {row['behind_at_end_s']:.2f} s |"
+        )
     return "\n".join(lines)
 
 
 def main():
-    parser = argparse.ArgumentParser(description="The page's cost in a busy room, against the page before issue 13.")
-    parser.add_argument("--quick", action="store_true", help="50 and 1,000 messages and 10 s of load: under a minute")
+    parser = argparse.ArgumentParser(
+        description="The page's cost in a busy room, against the page before issue 13."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="50 and 1,000 messages and 10 s of load: under a minute",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--baseline", metavar="HTML", help="the page to compare with (default: git show BEFORE:chat.html)")
+    parser.add_argument(
+        "--baseline",
+        metavar="HTML",
+        help="the page to compare with (default: git show BEFORE:chat.html)",
+    )
     args = parser.parse_args()
     levels = [50, 1000] if args.quick else [50, 1000, 5000]
     seconds = 10 if args.quick else 50
-    pages = [("chat.html", chat.PAGE.read_text(encoding="utf-8")), ("before issue 13", baseline_page(args.baseline))]
+    pages = [
+        ("chat.html", chat.PAGE.read_text(encoding="utf-8")),
+        ("before issue 13", baseline_page(args.baseline)),
+    ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:

@@ -28,6 +28,8 @@ import urllib.parse
 from pathlib import Path
 
 import chat  # before hug: chat.py keeps hug away from NumPy 2
+
+# isort: split
 import hug
 import pytest
 import websockets
@@ -90,7 +92,9 @@ class Response(collections.namedtuple("Response", "status content_type body")):
     headers: http.client.HTTPMessage
 
 
-def request(port, method, path, body=None, content_type="application/json", headers=(), source="127.0.0.1"):
+def request(
+    port, method, path, body=None, content_type="application/json", headers=(), source="127.0.0.1"
+):
     """One HTTP request from address `source`; returns a Response.
 
     Posts are rate-limited per client address: tests that post a lot use several
@@ -100,9 +104,13 @@ def request(port, method, path, body=None, content_type="application/json", head
         body = json.dumps(body)
     if isinstance(body, str):
         body = body.encode()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=10, source_address=(source, 0)
+    )
     try:
-        connection.request(method, path, body=body, headers={"Content-Type": content_type, **dict(headers)})
+        connection.request(
+            method, path, body=body, headers={"Content-Type": content_type, **dict(headers)}
+        )
         answer = connection.getresponse()
         response = Response(answer.status, answer.getheader("Content-Type"), answer.read())
         response.headers = answer.headers
@@ -205,7 +213,10 @@ def close_code(ws, timeout=5):
 
 def refused_handshake(url, **options):
     """The HTTP status with which the server refuses a websocket handshake at `url`."""
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused, connect(url, open_timeout=5, **options):
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        connect(url, open_timeout=5, **options),
+    ):
         pass
     return refused.value.response.status_code
 
@@ -259,7 +270,9 @@ def test_post_without_name_gets_a_guest_name(server):
 
 
 def test_form_post_keeps_commas_and_utf8(server):
-    status, message = post(server.port, "/messages", "name=j%C3%B6rg&text=a,b,c", "application/x-www-form-urlencoded")
+    status, message = post(
+        server.port, "/messages", "name=j%C3%B6rg&text=a,b,c", "application/x-www-form-urlencoded"
+    )
     assert status == 201
     assert (message["name"], message["text"]) == ("jörg", "a,b,c")
 
@@ -274,7 +287,9 @@ def test_get_messages_since_and_limit_oldest_first(server):
 
 
 def test_seed_tutorial_aliases_send_message_and_get_messages(server):
-    status, message = post(server.port, "/send_message", "message=old+style", "application/x-www-form-urlencoded")
+    status, message = post(
+        server.port, "/send_message", "message=old+style", "application/x-www-form-urlencoded"
+    )
     assert status == 201 and message["text"] == "old style"
     _, body = get(server.port, "/get_messages?since=0")
     assert [m["text"] for m in body["messages"]] == ["old style"]
@@ -323,7 +338,8 @@ BAD_POSTS = [
 
 @pytest.mark.parametrize("body, field, rule", BAD_POSTS)
 def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule):
-    headers = {"content-type": "application/json", "host": "127.0.0.1"}  # hug.test's own is falconframework.org
+    # hug.test's own host is falconframework.org
+    headers = {"content-type": "application/json", "host": "127.0.0.1"}
     response = hug.test.post(chat, "/messages", json.dumps(body), headers=headers)
     assert response.status == hug.HTTP_400
     assert rule in response.data["errors"][field]
@@ -353,14 +369,24 @@ def test_unreadable_body_is_a_400_not_a_500(server, body, content_type, rule):
 
 def test_a_bogus_charset_is_ignored_because_json_is_utf8(server):
     body = '{"text": "hé"}'.encode()
-    status, _, data = request(server.port, "POST", "/messages", body, "application/json; charset=bogus-charset")
+    status, _, data = request(
+        server.port, "POST", "/messages", body, "application/json; charset=bogus-charset"
+    )
     assert status == 201 and json.loads(data)["text"] == "hé"
 
 
 @pytest.mark.parametrize(
     "query, field",
-    [("since=x", "since"), ("since=-1", "since"), ("since=%C2%B2", "since"), ("since=" + "9" * 5000, "since"),
-     ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=" + "1" * 5000, "limit"), ("limit=%C2%B2", "limit")],
+    [
+        ("since=x", "since"),
+        ("since=-1", "since"),
+        ("since=%C2%B2", "since"),
+        ("since=" + "9" * 5000, "since"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=" + "1" * 5000, "limit"),
+        ("limit=%C2%B2", "limit"),
+    ],
 )
 def test_bad_query_is_a_400_naming_the_parameter(server, query, field):
     status, body = get(server.port, f"/messages?{query}")
@@ -381,12 +407,23 @@ def test_body_over_64_kib_is_refused_with_413(server):
 def test_random_bytes_at_every_route_never_give_a_500(server):
     rng = random.Random(2026)  # the same bytes every run; hypothesis explores further below
     paths = ["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]
-    content_types = ["application/json", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                     "text/plain", "application/json; charset=latin-1"]
+    content_types = [
+        "application/json",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "text/plain",
+        "application/json; charset=latin-1",
+    ]
     for _ in range(400):
         body = rng.randbytes(rng.randrange(0, 300))
-        method, path, content_type = rng.choice(["GET", "POST"]), rng.choice(paths), rng.choice(content_types)
-        status, _, _ = request(server.port, method, path, body, content_type, source=f"127.0.1.{rng.randrange(1, 255)}")
+        method, path, content_type = (
+            rng.choice(["GET", "POST"]),
+            rng.choice(paths),
+            rng.choice(content_types),
+        )
+        status, _, _ = request(
+            server.port, method, path, body, content_type, source=f"127.0.1.{rng.randrange(1, 255)}"
+        )
         assert status < 500
     assert get(server.port, "/health")[0] == 200
 
@@ -396,13 +433,13 @@ def test_random_bytes_at_every_route_never_give_a_500(server):
 
 def test_history_comes_first_with_the_last_50(server):
     seed(60)
-    with joined(server) as (ws, history):
+    with joined(server) as (_, history):
         assert [m["id"] for m in history["messages"]] == list(range(11, 61))
 
 
 def test_since_resumes_with_every_kept_message_after_it(server):
     seed(60)
-    with joined(server, since=5) as (ws, history):
+    with joined(server, since=5) as (_, history):
         assert [m["id"] for m in history["messages"]] == list(range(6, 61))
 
 
@@ -442,7 +479,11 @@ def test_presence_on_join_rename_and_leave(server):
     with joined(server, name="alice") as (alice, history):
         assert history["online"] == []  # who was there before her
         joined_alone = receive(alice, "presence")
-        assert joined_alone == {"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}
+        assert joined_alone == {
+            "type": "presence",
+            "joined": "alice",
+            "changes": [{"joined": "alice"}],
+        }
         with joined(server, name="bob") as (bob, bobs_history):
             bob.send(json.dumps({"type": "name", "name": "robert"}))
             changes, _ = presence_changes(alice, until=lambda changes: len(changes) == 2)
@@ -456,7 +497,9 @@ def test_history_online_and_the_presence_changes_after_it_add_up_to_who_is_there
     with joined(server, name="alice") as (alice, _):
         receive(alice, "presence")  # her join went out: the next changes wait up to 0.25 s
         with joined(server, name="bob"), joined(server, name="carol") as (carol, history):
-            changes, _ = presence_changes(carol, until=lambda changes: {"joined": "carol"} in changes)
+            changes, _ = presence_changes(
+                carol, until=lambda changes: {"joined": "carol"} in changes
+            )
             online = history["online"] + [change["joined"] for change in changes]
             assert sorted(online) == ["alice", "bob", "carol"]  # bob's join was still waiting: once
 
@@ -582,7 +625,8 @@ async def collect_messages(ws, count):
         ("127.0.0.1", "127.0.0.1", None, True),  # scripts and the CLI client send no Origin
         ("127.0.0.1", "127.0.0.1", "http://127.0.0.1:{port}", True),
         ("127.0.0.1", "localhost", "http://localhost:{port}", True),
-        ("0.0.0.0", "127.0.0.2", "http://127.0.0.2:{port}", True),  # 127.0.0.2: a LAN address typed in
+        # 127.0.0.2: a LAN address typed in
+        ("0.0.0.0", "127.0.0.2", "http://127.0.0.2:{port}", True),
         ("127.0.0.1", "127.0.0.1", "http://evil.example:{port}", False),
         ("127.0.0.1", "127.0.0.1", "http://127.0.0.1:1", False),
         ("127.0.0.1", "127.0.0.1", "https://127.0.0.1:{port}", False),
@@ -619,7 +663,12 @@ def chat_from_everywhere(ws_senders, listeners, http_senders):
 
     def http_sender(n, port, source):
         for i in range(EACH):
-            assert post(port, "/messages", {"name": f"http{n}", "text": f"http{n}-{i}"}, source=source)[0] == 201
+            assert (
+                post(
+                    port, "/messages", {"name": f"http{n}", "text": f"http{n}-{i}"}, source=source
+                )[0]
+                == 201
+            )
 
     async def run():
         clients = [await async_connect(url, max_queue=None) for url in ws_senders + listeners]
@@ -647,7 +696,9 @@ def assert_everyone_got(results, stored):
         assert ids == [m["id"] for m in stored]
         assert received == texts
     for sender in {text.split("-")[0] for text in texts}:
-        assert [t for t in texts if t.startswith(f"{sender}-")] == [f"{sender}-{i}" for i in range(EACH)]
+        assert [t for t in texts if t.startswith(f"{sender}-")] == [
+            f"{sender}-{i}" for i in range(EACH)
+        ]
 
 
 def test_concurrent_websocket_and_http_senders_give_everyone_the_same_order(server):
@@ -683,13 +734,16 @@ def test_nothing_is_sent_after_the_close_frame_of_a_shutdown(server):
     with silent_client(server.ws_port) as sock:  # a raw socket: every byte the server sends
         stream = sock.makefile("rb")
         assert b'"history"' in read_frame(stream)[1]  # in the room
-        server.loop.call_soon_threadsafe(server.ws_server.close)  # what stop() does first: 1001 to all
+        # what stop() does first: 1001 to all
+        server.loop.call_soon_threadsafe(server.ws_server.close)
         while (frame := read_frame(stream))[0] != 0x8:
             pass
         assert int.from_bytes(frame[1][:2], "big") == 1001
-        assert get(server.port, "/health")[1]["clients"] == 1  # it waits for our answer, still in the room
+        # it waits for our answer, still in the room
+        assert get(server.port, "/health")[1]["clients"] == 1
         assert post(server.port, "/messages", {"text": "posted during the shutdown"})[0] == 201
-        sock.sendall(bytes([0x88, 0x82, 0, 0, 0, 0]) + (1001).to_bytes(2, "big"))  # our close, masked
+        # our close, masked
+        sock.sendall(bytes([0x88, 0x82, 0, 0, 0, 0]) + (1001).to_bytes(2, "big"))
         assert read_frame(stream) is None
 
 
@@ -741,7 +795,9 @@ def test_a_client_that_negotiated_compression_gets_compressed_frames():
                 "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n".encode()
             )
             assert b"permessage-deflate" in await reader.readuntil(b"\r\n\r\n")
-            chat.send_prepared([await connected], json.dumps({"type": "message", "text": "x" * 1000}))
+            chat.send_prepared(
+                [await connected], json.dumps({"type": "message", "text": "x" * 1000})
+            )
             head = await reader.readexactly(2)
             writer.close()
         return head
@@ -774,7 +830,11 @@ class ChatProcess:
 
     def __init__(self, *args, **popen):
         self.process = subprocess.Popen(
-            [sys.executable, str(CHAT_PY), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+            [sys.executable, str(CHAT_PY), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
         )
         self.lines = queue.Queue()
         threading.Thread(target=self._read_stdout, daemon=True).start()
@@ -843,7 +903,9 @@ def test_port_in_use_is_one_line_and_exit_2(chat_process, which):
     assert error.count("\n") == 1 and "in use" in error and "Traceback" not in error
 
 
-@pytest.mark.parametrize("args", [["--port", "http"], ["--port", "70000"], ["--history", "0"], ["--bogus"]])
+@pytest.mark.parametrize(
+    "args", [["--port", "http"], ["--port", "70000"], ["--history", "0"], ["--bogus"]]
+)
 def test_bad_flag_is_one_line_and_exit_2(chat_process, args):
     process = chat_process(*args)
     assert process.process.wait(15) == 2
@@ -856,7 +918,10 @@ def test_bad_flag_is_one_line_and_exit_2(chat_process, args):
 
 def test_http_posts_past_the_limit_get_429_and_other_addresses_carry_on(server):
     began = time.monotonic()
-    responses = [request(server.port, "POST", "/messages", {"text": f"flood {n}"}, source="127.0.0.5") for n in range(40)]
+    responses = [
+        request(server.port, "POST", "/messages", {"text": f"flood {n}"}, source="127.0.0.5")
+        for n in range(40)
+    ]
     took = time.monotonic() - began
     assert [response.status for response in responses[:BURST]] == [201] * BURST  # the burst
     stored = [response for response in responses if response.status == 201]
@@ -870,7 +935,9 @@ def test_http_posts_past_the_limit_get_429_and_other_addresses_carry_on(server):
 def test_429_says_retry_after_1_second(server):
     for n in range(BURST):
         assert post(server.port, "/messages", {"text": f"burst {n}"}, source="127.0.0.7")[0] == 201
-    response = request(server.port, "POST", "/messages", {"text": "one too many"}, source="127.0.0.7")
+    response = request(
+        server.port, "POST", "/messages", {"text": "one too many"}, source="127.0.0.7"
+    )
     assert response.status == 429
     assert response.headers["Retry-After"] == "1"
 
@@ -882,7 +949,8 @@ def test_a_flooding_websocket_does_not_stop_anyone_else(server):
             flood.send(f"flood {n}")
         calm.send("calm one")
         first = receive_until(calm, lambda frames: frames and frames[-1]["text"] == "calm one")[:-1]
-        assert len(first) <= most_allowed(time.monotonic() - began)  # only what the flood may send came first
+        # only what the flood may send came first
+        assert len(first) <= most_allowed(time.monotonic() - began)
     stored = [m["text"] for m in get(server.port, "/messages?limit=1000")[1]["messages"]]
     took = time.monotonic() - began
     assert "calm one" in stored
@@ -914,26 +982,36 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
     async def post_batch():
         for _ in range(batch):
             await chat.room.post("bulk", text)
-            peak[0] = max(peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients))
+            peak[0] = max(
+                peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients)
+            )
 
     def ids(frames):
         return [frame["id"] for frame in frames if frame["type"] == "message"]
 
     def left(frames):
-        return [change["left"] for frame in frames if frame["type"] == "presence"
-                for change in frame["changes"] if "left" in change]
+        return [
+            change["left"]
+            for frame in frames
+            if frame["type"] == "presence"
+            for change in frame["changes"]
+            if "left" in change
+        ]
 
     with silent_client(server.ws_port), joined(server, name="reader") as (reader, _):
         frames = []
         for _ in range(total // batch):  # the reader reads each batch before the next
             chat.ask_room(post_batch())
-            frames += receive_until(reader, lambda new: len(ids(new)) == batch, ("message", "presence"), timeout=10)
+            frames += receive_until(
+                reader, lambda new: len(ids(new)) == batch, ("message", "presence"), timeout=10
+            )
         assert ids(frames) == list(range(1, total + 1))
         # the silent one's `left` may come after the last message: wait for it
         frames += receive_until(reader, lambda new: left(frames + new), ("presence",), timeout=10)
         assert left(frames) == ["silent"]
         assert get(server.port, "/health")[1]["clients"] == 1
-    assert peak[0] <= chat.MAX_QUEUED + 4096  # what the server held for the silent one stayed bounded
+    # what the server held for the silent one stayed bounded
+    assert peak[0] <= chat.MAX_QUEUED + 4096
 
 
 def test_a_client_that_never_answers_pings_is_dropped(monkeypatch):
@@ -948,7 +1026,8 @@ def test_invalid_utf8_closes_that_connection_with_1007_and_only_that_one(server)
         sock = socket.create_connection(("127.0.0.1", server.ws_port), timeout=5)
         with connect(ws_url(server), sock=sock, open_timeout=5) as bad:
             receive(bad, "history")
-            sock.sendall(bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]))  # a masked text frame, bad UTF-8
+            # a masked text frame, bad UTF-8
+            sock.sendall(bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]))
             assert close_code(bad) == 1007
         other.send("still fine")
         assert receive(other, "message")["text"] == "still fine"
@@ -962,7 +1041,13 @@ def test_a_fragmented_message_is_one_message(server):
 
 @pytest.mark.parametrize(
     "text",
-    ["tab\there\x00nul\x07bell", "\u202eright-to-left\u202c", "emoji 👩‍👩‍👧 🎉", "日本語のテキスト", "a\r\nb"],
+    [
+        "tab\there\x00nul\x07bell",
+        "\u202eright-to-left\u202c",
+        "emoji 👩‍👩‍👧 🎉",
+        "日本語のテキスト",
+        "a\r\nb",
+    ],
 )
 def test_unusual_text_is_stored_and_echoed_intact(server, text):
     with joined(server) as (ws, _):
@@ -976,12 +1061,15 @@ def test_length_is_counted_in_characters_not_bytes(server):
         ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
         assert len(receive(ws, "message")["text"]) == 2000
         ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
-        changes, _ = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
+        changes, _ = presence_changes(
+            ws, until=lambda changes: any("renamed" in c for c in changes)
+        )
         assert changes[-1]["renamed"]["to"] == "😀" * 32
 
 
 @pytest.mark.parametrize(
-    "since, expected", [("-1", None), ("abc", None), ("²", None), ("9" * 50, []), ("9" * 5000, None), ("1.5", None)]
+    "since, expected",
+    [("-1", None), ("abc", None), ("²", None), ("9" * 50, []), ("9" * 5000, None), ("1.5", None)],
 )
 def test_websocket_since_that_is_not_a_count_gets_an_error_and_the_last_50(server, since, expected):
     seed(3)
@@ -998,7 +1086,9 @@ def test_websocket_since_that_is_not_a_count_gets_an_error_and_the_last_50(serve
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 frames = st.one_of(
@@ -1007,7 +1097,10 @@ frames = st.one_of(
     json_values.map(json.dumps),
     st.fixed_dictionaries(
         {"type": st.sampled_from(["message", "name", "bogus", ""])},
-        optional={"text": json_values | st.text(max_size=2100), "name": json_values | st.text(max_size=40)},
+        optional={
+            "text": json_values | st.text(max_size=2100),
+            "name": json_values | st.text(max_size=40),
+        },
     ).map(json.dumps),
 )
 
@@ -1037,20 +1130,33 @@ def test_fuzzed_frames_get_answers_and_keep_the_room_sound(server):
 
 
 def test_fuzzed_http_requests_never_get_a_500(server):
-    fields = st.dictionaries(st.sampled_from(["text", "name", "message", "since", "limit", "x"]), json_values)
+    fields = st.dictionaries(
+        st.sampled_from(["text", "name", "message", "since", "limit", "x"]), json_values
+    )
 
     @settings(max_examples=150, deadline=None, database=None)
     @given(
         st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
-        st.sampled_from(["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]),
-        st.sampled_from(["application/json", "application/x-www-form-urlencoded", "text/plain",
-                         "multipart/form-data; boundary=b", "application/json; charset=utf-16"]),
+        st.sampled_from(
+            ["/", "/chat", "/config", "/messages", "/get_messages", "/send_message", "/health"]
+        ),
+        st.sampled_from(
+            [
+                "application/json",
+                "application/x-www-form-urlencoded",
+                "text/plain",
+                "multipart/form-data; boundary=b",
+                "application/json; charset=utf-16",
+            ]
+        ),
         st.one_of(st.binary(max_size=200), fields.map(lambda f: json.dumps(f).encode())),
         st.text(max_size=30).map(lambda q: urllib.parse.quote(q, safe="=&")),
         st.integers(1, 254),
     )
     def check(method, path, content_type, body, query, address):
-        status, _, _ = request(server.port, method, f"{path}?{query}", body, content_type, source=f"127.0.2.{address}")
+        status, _, _ = request(
+            server.port, method, f"{path}?{query}", body, content_type, source=f"127.0.2.{address}"
+        )
         assert status < 500
 
     check()
@@ -1080,7 +1186,9 @@ def soak_and_check(servers):
     async def client(n, deadline):
         while asyncio.get_running_loop().time() < deadline:
             since = seen[n][-1] if seen[n] else 0
-            async with async_connect(ws_url(servers, name=f"soak{n}", since=since), max_queue=None) as ws:
+            async with async_connect(
+                ws_url(servers, name=f"soak{n}", since=since), max_queue=None
+            ) as ws:
                 resumes[0] += 1
                 stay = rng.uniform(0.2, 3)
                 chat_until = asyncio.get_running_loop().time() + stay
@@ -1091,7 +1199,7 @@ def soak_and_check(servers):
                         next_send = now + rng.uniform(1, 6)
                     try:
                         frame = json.loads(await asyncio.wait_for(ws.recv(), 0.2))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         continue
                     record(n, frame)
                 if rng.random() < 0.5:
@@ -1099,7 +1207,13 @@ def soak_and_check(servers):
             await asyncio.sleep(rng.uniform(0, 0.3))
 
     def record(n, frame):
-        batch = frame["messages"] if frame["type"] == "history" else [frame] if frame["type"] == "message" else []
+        batch = (
+            frame["messages"]
+            if frame["type"] == "history"
+            else [frame]
+            if frame["type"] == "message"
+            else []
+        )
         seen[n].extend(m["id"] for m in batch)
 
     async def catch_up(n, last_id):
@@ -1112,7 +1226,15 @@ def soak_and_check(servers):
         n = 0
         while not stop.wait(0.1):
             n += 1
-            assert post(servers.port, "/messages", {"name": "http", "text": f"post {n}"}, source="127.0.3.1")[0] == 201
+            assert (
+                post(
+                    servers.port,
+                    "/messages",
+                    {"name": "http", "text": f"post {n}"},
+                    source="127.0.3.1",
+                )[0]
+                == 201
+            )
 
     async def run():
         deadline = asyncio.get_running_loop().time() + SOAK_SECONDS
@@ -1143,12 +1265,14 @@ def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_pro
     codes = []
 
     async def client(n, started):
-        async with async_connect(f"ws://127.0.0.1:{process.ws_port}/?name=load{n}", max_queue=None) as ws:
+        async with async_connect(
+            f"ws://127.0.0.1:{process.ws_port}/?name=load{n}", max_queue=None
+        ) as ws:
             started.append(n)
             try:
                 while True:
                     await ws.send(f"load {n}")  # 8 a second: under the rate limit
-                    with contextlib.suppress(asyncio.TimeoutError):
+                    with contextlib.suppress(TimeoutError):
                         while True:
                             await asyncio.wait_for(ws.recv(), 0.125)
             except websockets.exceptions.ConnectionClosed as closed:
@@ -1156,7 +1280,8 @@ def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_pro
 
     async def run():
         started = []
-        silent = await asyncio.to_thread(silent_client, process.ws_port)  # will not answer the close
+        # will not answer the close
+        silent = await asyncio.to_thread(silent_client, process.ws_port)
         tasks = [asyncio.create_task(client(n, started)) for n in range(20)]
         while len(started) < 20:
             await asyncio.sleep(0.05)
@@ -1177,14 +1302,30 @@ def test_sigterm_under_load_stops_within_5_seconds_with_1001_and_exit_0(chat_pro
 def test_benchmark_quick_run_completes_and_loses_nothing(tmp_path):
     """Keeps bench_chat.py working; no speed is asserted (the machines are shared and noisy)."""
     bench = subprocess.run(
-        [sys.executable, str(CHAT_PY.with_name("bench_chat.py")), "--quick", "--json", str(tmp_path / "b.json")],
-        capture_output=True, text=True, timeout=150,
+        [
+            sys.executable,
+            str(CHAT_PY.with_name("bench_chat.py")),
+            "--quick",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
     )
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "| fan-out throughput, 100 receivers" in bench.stdout
     assert "Lost, duplicated or reordered deliveries in all runs: 0" in bench.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert {row["scenario"] for row in rows} == {"throughput", "efficiency", "latency", "http", "memory", "resume"}
+    assert {row["scenario"] for row in rows} == {
+        "throughput",
+        "efficiency",
+        "latency",
+        "http",
+        "memory",
+        "resume",
+    }
 
 
 # --- Scaling out: two chat.py processes, one room in Redis ------------------------------
@@ -1211,12 +1352,26 @@ class RedisServer:
 
     def start(self):
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--appendonly", "yes", "--save", ""],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
             stdout=subprocess.DEVNULL,
         )
         for _ in range(100):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1),
+            ):
                 return
             threading.Event().wait(0.05)
         raise RuntimeError("redis-server did not start")
@@ -1228,7 +1383,9 @@ class RedisServer:
 
 @pytest.fixture
 def two_processes(redis_server, chat_process):
-    processes = [chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url) for _ in range(2)]
+    processes = [
+        chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url) for _ in range(2)
+    ]
     for process in processes:
         process.urls()
     return processes
@@ -1262,13 +1419,17 @@ def test_redis_a_client_can_resume_on_the_other_process_and_miss_nothing(two_pro
         assert [m["text"] for m in history["messages"]] == [f"while away {n}" for n in range(3)]
 
 
-def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(redis_server, two_processes):
+def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(
+    redis_server, two_processes
+):
     a, b = two_processes
     post(a.port, "/messages", {"text": "before"})
     for process in two_processes:  # each has it once Redis published it: it is history, not live
         wait_for_health(process.port, last_id=1)
-    with connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as on_a, \
-            connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as on_b:
+    with (
+        connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as on_a,
+        connect(f"ws://127.0.0.1:{b.ws_port}/", open_timeout=5, max_queue=None) as on_b,
+    ):
         receive(on_a, "history"), receive(on_b, "history")
         redis_server.stop()
         on_a.send("while redis is away")
@@ -1288,7 +1449,9 @@ def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(redis_s
     assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["before", "back"]
 
 
-def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(redis_server, two_processes):
+def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(
+    redis_server, two_processes
+):
     a, b = two_processes
     for n in range(3):
         post(a.port, "/messages", {"text": f"before {n}"})
@@ -1299,7 +1462,8 @@ def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(redis
         shutil.rmtree(redis_server.directory)  # a Redis that keeps nothing, or a new one
         redis_server.directory.mkdir()
         redis_server.start()
-        wait_for_health(a.port, status="ok")  # the first command after a restart finds its connection cut
+        # the first command after a restart finds its connection cut
+        wait_for_health(a.port, status="ok")
         status, message = post(a.port, "/messages", {"text": "after"})
         assert status == 201 and message["id"] == 4
         assert (receive(on_b, "message")["id"]) == 4
@@ -1307,7 +1471,9 @@ def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(redis
 
 
 def test_redis_unreachable_at_start_is_one_line_and_exit_2(chat_process):
-    process = chat_process("--port", "0", "--ws-port", "0", "--redis", f"redis://127.0.0.1:{free_port()}/0")
+    process = chat_process(
+        "--port", "0", "--ws-port", "0", "--redis", f"redis://127.0.0.1:{free_port()}/0"
+    )
     assert process.process.wait(15) == 2
     error = process.process.stderr.read()
     assert error.count("\n") == 1 and "cannot reach Redis" in error
@@ -1315,7 +1481,14 @@ def test_redis_unreachable_at_start_is_one_line_and_exit_2(chat_process):
 
 def test_the_default_chat_does_not_import_redis():
     code = "import sys, chat; s = chat.Servers(port=0, ws_port=0); s.stop(); print('redis' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=CHAT_PY.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=CHAT_PY.parent,
+        check=False,
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 
@@ -1373,8 +1546,12 @@ def stalled_resume(servers):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
     sock.connect(("127.0.0.1", servers.ws_port))
-    with connect(ws_url(servers, since=0), sock=sock, open_timeout=5, close_timeout=1, max_queue=1) as ws:
-        wait_until(lambda: server_waits_for_a_client(servers), what="the server waiting for the reader")
+    with connect(
+        ws_url(servers, since=0), sock=sock, open_timeout=5, close_timeout=1, max_queue=1
+    ) as ws:
+        wait_until(
+            lambda: server_waits_for_a_client(servers), what="the server waiting for the reader"
+        )
         yield ws
 
 
@@ -1415,7 +1592,11 @@ def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(
     try:
         seed_big(2000)
         with stalled_resume(servers):
-            wait_until(lambda: not server_connections(servers), timeout=5, what="the stalled client dropped")
+            wait_until(
+                lambda: not server_connections(servers),
+                timeout=5,
+                what="the stalled client dropped",
+            )
         wait_for_health(servers.port, clients=0)  # it never joined the room
     finally:
         servers.stop()
@@ -1424,8 +1605,17 @@ def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(
 def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
     for n in range(1, 6):
         post(small_server.port, "/messages", {"text": f"m{n}"})
-    ids = lambda since: [m["id"] for m in get(small_server.port, f"/messages?since={since}")[1]["messages"]]
-    assert (ids(0), ids(1), ids(3), ids(4), ids(5), ids(99)) == ([3, 4, 5], [3, 4, 5], [4, 5], [5], [], [])
+    ids = lambda since: [
+        m["id"] for m in get(small_server.port, f"/messages?since={since}")[1]["messages"]
+    ]
+    assert (ids(0), ids(1), ids(3), ids(4), ids(5), ids(99)) == (
+        [3, 4, 5],
+        [3, 4, 5],
+        [4, 5],
+        [5],
+        [],
+        [],
+    )
 
 
 def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monkeypatch):
@@ -1436,9 +1626,11 @@ def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monke
             first = stack.enter_context(joined(servers))[0]
             for _ in range(2):
                 stack.enter_context(joined(servers))
-            with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-                with connect(ws_url(servers), open_timeout=5):
-                    pass
+            with (
+                pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+                connect(ws_url(servers), open_timeout=5),
+            ):
+                pass
             assert refused.value.response.status_code == 503
             assert b"full" in refused.value.response.body
             assert request(servers.port, "GET", "/")[0] == 200
@@ -1462,7 +1654,9 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit_at_start(chat_process)
     process = chat_process("--port", "0", "--ws-port", "0", preexec_fn=fd_limit(100, 300))
     process.urls()
     limits = Path(f"/proc/{process.process.pid}/limits").read_text()
-    soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    soft, hard = next(
+        line for line in limits.splitlines() if line.startswith("Max open files")
+    ).split()[3:5]
     assert (soft, hard) == ("300", "300")
 
 
@@ -1474,7 +1668,9 @@ def test_connections_that_never_handshake_cannot_take_the_descriptors_http_needs
         for _ in range(150):  # more than the 128 descriptors chat.py has
             raw.append(socket.create_connection(("127.0.0.1", process.ws_port), timeout=5))
         # Before open_timeout (5 s) could free any: those past the cap are closed at once.
-        wait_until(lambda: sum(map(closed_by_server, raw)) >= 100, timeout=3, what="100 closed at once")
+        wait_until(
+            lambda: sum(map(closed_by_server, raw)) >= 100, timeout=3, what="100 closed at once"
+        )
         connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=3)
         connection.request("GET", "/health")
         assert connection.getresponse().status == 200
@@ -1522,10 +1718,17 @@ def test_a_few_hundred_idle_or_trickling_http_connections_do_not_lock_others_out
 
 @pytest.mark.parametrize(
     "content_type, status",
-    [("multipart/form-data", 400), ("multipart/form-data; boundary=", 400),
-     ("application/xml", 415), ("image/png", 415), ("application/octet-stream", 415)],
+    [
+        ("multipart/form-data", 400),
+        ("multipart/form-data; boundary=", 400),
+        ("application/xml", 415),
+        ("image/png", 415),
+        ("application/octet-stream", 415),
+    ],
 )
-def test_a_body_the_chat_cannot_read_is_a_415_or_400_with_the_json_error(server, content_type, status):
+def test_a_body_the_chat_cannot_read_is_a_415_or_400_with_the_json_error(
+    server, content_type, status
+):
     got, answer_type, body = request(server.port, "POST", "/messages", b"text=hi", content_type)
     assert (got, answer_type) == (status, "application/json; charset=utf-8")
     assert json.loads(body)["errors"]["body"]
@@ -1534,7 +1737,9 @@ def test_a_body_the_chat_cannot_read_is_a_415_or_400_with_the_json_error(server,
 
 def test_a_multipart_form_with_a_boundary_is_read(server):
     body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nfrom a form\r\n--b--\r\n'
-    status, _, data = request(server.port, "POST", "/messages", body, "multipart/form-data; boundary=b")
+    status, _, data = request(
+        server.port, "POST", "/messages", body, "multipart/form-data; boundary=b"
+    )
     assert status == 201 and json.loads(data)["text"] == "from a form"
 
 
@@ -1542,8 +1747,10 @@ def test_a_handshake_with_a_bad_host_is_a_400_and_logs_nothing(server, caplog):
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as sock:
             key = base64.b64encode(os.urandom(16)).decode()
-            sock.sendall(f"GET / HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+            sock.sendall(
+                f"GET / HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
             assert sock.recv(1024).startswith(b"HTTP/1.1 400")
     assert [r for r in caplog.records if r.levelno >= 30] == []
 
@@ -1555,8 +1762,9 @@ def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
         logging.getLogger("waitress").warning(f"server accept() threw an exception {token}")
     logging.getLogger("asyncio").error(f"socket.accept() out of system resource {token}")
     assert [r.getMessage() for r in caplog.records if token in r.getMessage()] == [
-        f"server accept() threw an exception {token}", f"socket.accept() out of system resource {token}"]
-
+        f"server accept() threw an exception {token}",
+        f"socket.accept() out of system resource {token}",
+    ]
 
 
 # --- The page's promises, server side: a message's ref, the heartbeat ---------------------
@@ -1700,7 +1908,9 @@ def test_get_messages_gives_at_most_100_by_default(server):
 
 
 def test_send_message_with_neither_text_nor_message_is_a_400_naming_text(server):
-    status, body = post(server.port, "/send_message", "name=bob", "application/x-www-form-urlencoded")
+    status, body = post(
+        server.port, "/send_message", "name=bob", "application/x-www-form-urlencoded"
+    )
     assert status == 400 and "text" in body["errors"]
     assert get(server.port, "/messages")[1]["messages"] == []
 
@@ -1783,8 +1993,15 @@ def test_a_name_with_control_characters_in_the_url_gets_an_error_and_a_guest_nam
 # asyncio code in tests goes through run_async(), so these tests may run in any order.
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session")
@@ -1794,7 +2011,11 @@ def browser():
     except ImportError:
         missing = "Playwright is not installed: python -m pip install -r requirements-test.txt"
     else:
-        missing = None if os.path.exists(CHROMIUM) else f"no Chromium at {CHROMIUM}: apt-get install chromium"
+        missing = (
+            None
+            if os.path.exists(CHROMIUM)
+            else f"no Chromium at {CHROMIUM}: apt-get install chromium"
+        )
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"browser tests must run under CI: {missing}")
@@ -1826,9 +2047,17 @@ def open_page(browser):
         page = context.new_page()
         page.set_default_timeout(10_000)
         page.sent_frames = []  # every frame the page sends on its websockets, as sent
-        page.on("websocket", lambda ws: ws.on("framesent", lambda frame: page.sent_frames.append(frame)))
-        page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
-        page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
+        page.on(
+            "websocket", lambda ws: ws.on("framesent", lambda frame: page.sent_frames.append(frame))
+        )
+        page.on(
+            "dialog",
+            lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()),
+        )
+        page.on(
+            "console",
+            lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
+        )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.goto(f"http://127.0.0.1:{port}/")
         if online:
@@ -1869,13 +2098,27 @@ def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
     from playwright.sync_api import expect
 
     page = open_page(server.port, "mallory")
-    attacks = ['<img src=x onerror="window.pwned=1">', "<script>window.pwned=1</script>", "<b>bold</b>"]
+    attacks = [
+        '<img src=x onerror="window.pwned=1">',
+        "<script>window.pwned=1</script>",
+        "<b>bold</b>",
+    ]
     for attack in attacks:
         say(page, attack)
-    expect(texts(page)).to_have_text(attacks)  # stored before the HTTP post, which could overtake them
-    post(server.port, "/messages", {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"})
+    # stored before the HTTP post, which could overtake them
+    expect(texts(page)).to_have_text(attacks)
+    post(
+        server.port,
+        "/messages",
+        {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"},
+    )
     expect(texts(page)).to_have_text(attacks + ["<svg onload=alert(1)>"])
-    assert page.locator("#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i").count() == 0
+    assert (
+        page.locator(
+            "#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i"
+        ).count()
+        == 0
+    )
     assert page.evaluate("window.pwned") is None
 
 
@@ -1902,7 +2145,11 @@ def wait_in_page(page, condition, timeout=10):
 def sent_texts(page):
     """The texts of the message frames the page has sent."""
     frames = [json.loads(frame) for frame in page.sent_frames]
-    return [frame.get("text") for frame in frames if isinstance(frame, dict) and frame.get("type") == "message"]
+    return [
+        frame.get("text")
+        for frame in frames
+        if isinstance(frame, dict) and frame.get("type") == "message"
+    ]
 
 
 def test_browser_does_not_send_an_empty_message(server, open_page):
@@ -1914,7 +2161,8 @@ def test_browser_does_not_send_an_empty_message(server, open_page):
     expect(texts(page)).to_have_text(["real"])
     wait_in_page(page, lambda: "real" in sent_texts(page))
     assert sent_texts(page) == ["real"]
-    expect(page.locator("#chat-error")).not_to_contain_text("text is empty")  # no refusal from the server
+    # no refusal from the server
+    expect(page.locator("#chat-error")).not_to_contain_text("text is empty")
 
 
 def test_browser_shows_server_errors_next_to_the_input(server, open_page):
@@ -1968,7 +2216,8 @@ def test_browser_recovers_when_the_server_restarts_on_the_same_ports(chat_proces
 
     second = chat_process(*ports)
     second.urls()
-    post(second.port, "/messages", {"text": "new 1"})  # id 1 again: only the room id tells them apart
+    # id 1 again: only the room id tells them apart
+    post(second.port, "/messages", {"text": "new 1"})
     expect(texts(page)).to_have_text(["old 1", "old 2", "old 3", "new 1"])
     expect(page.locator("#chat-box .notice", has_text="restarted")).to_have_count(1)
     post(second.port, "/messages", {"text": "new 2"})
@@ -1988,8 +2237,17 @@ def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
 # page sends its own origin in Origin. Browser tests of both come after these.
 
 REBIND = "rebind.example"  # a name an attacker could point at 127.0.0.1
-ALL_ROUTES = [("GET", "/"), ("GET", "/chat"), ("GET", "/config"), ("GET", "/messages"), ("GET", "/get_messages"),
-              ("GET", "/health"), ("GET", "/nope"), ("POST", "/messages"), ("POST", "/send_message")]
+ALL_ROUTES = [
+    ("GET", "/"),
+    ("GET", "/chat"),
+    ("GET", "/config"),
+    ("GET", "/messages"),
+    ("GET", "/get_messages"),
+    ("GET", "/health"),
+    ("GET", "/nope"),
+    ("POST", "/messages"),
+    ("POST", "/send_message"),
+]
 
 
 def stored_texts(port):
@@ -2000,13 +2258,17 @@ def stored_texts(port):
 def handshake(ws_port, host, path="/", origin=None):
     """A websocket handshake to this machine that names `host` in its Host header."""
     sock = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
-    return connect(f"ws://{host}:{ws_port}{path}", sock=sock, open_timeout=5, origin=origin, max_queue=None)
+    return connect(
+        f"ws://{host}:{ws_port}{path}", sock=sock, open_timeout=5, origin=origin, max_queue=None
+    )
 
 
 @pytest.mark.parametrize("method, path", ALL_ROUTES)
 def test_a_foreign_host_is_refused_on_every_route_with_the_fix_named(server, method, path):
     host = {"Host": f"{REBIND}:{server.port}"}
-    status, content_type, body = request(server.port, method, path, {"text": "rebound"}, headers=host)
+    status, content_type, body = request(
+        server.port, method, path, {"text": "rebound"}, headers=host
+    )
     assert status == 403 and content_type.startswith("application/json")
     assert f"--allow-host {REBIND}" in json.loads(body)["errors"]["host"]
     assert stored_texts(server.port) == []
@@ -2014,19 +2276,33 @@ def test_a_foreign_host_is_refused_on_every_route_with_the_fix_named(server, met
 
 @pytest.mark.parametrize("path", ["/", "/chat", "/ws", "/echo"])
 def test_a_foreign_host_is_refused_on_the_handshake_with_the_fix_named(server, path):
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-        with handshake(server.ws_port, REBIND, path):
-            pass
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        handshake(server.ws_port, REBIND, path),
+    ):
+        pass
     assert refused.value.response.status_code == 403
     assert f"--allow-host {REBIND}".encode() in refused.value.response.body
 
 
 @pytest.mark.parametrize(
-    "host", ["127.0.0.1:{port}", "localhost:{port}", "LocalHost", "chat.localhost:{port}", "[::1]:{port}",
-             "192.0.2.7", "[fe80::1]", socket.gethostname(), "localhost.:{port}"],
+    "host",
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "LocalHost",
+        "chat.localhost:{port}",
+        "[::1]:{port}",
+        "192.0.2.7",
+        "[fe80::1]",
+        socket.gethostname(),
+        "localhost.:{port}",
+    ],
 )
 def test_names_that_cannot_be_rebound_are_served(server, host):
-    status, _, _ = request(server.port, "GET", "/messages", headers={"Host": host.format(port=server.port)})
+    status, _, _ = request(
+        server.port, "GET", "/messages", headers={"Host": host.format(port=server.port)}
+    )
     assert status == 200
     with handshake(server.ws_port, host.split(":{port}")[0]) as ws:
         assert receive(ws, "history")["messages"] == []
@@ -2035,8 +2311,10 @@ def test_names_that_cannot_be_rebound_are_served(server, host):
 def test_a_request_without_host_is_served(server):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         body = b"text=from+HTTP/1.0"
-        sock.sendall(b"POST /messages HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /messages HTTP/1.0\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         answer = b""
         while chunk := sock.recv(4096):
             answer += chunk
@@ -2045,11 +2323,16 @@ def test_a_request_without_host_is_served(server):
 
 
 def test_allow_host_admits_a_name_on_http_and_the_handshake(chat_process):
-    process = chat_process("--port", "0", "--ws-port", "0", "--allow-host", "chat.lan", "--allow-host", "Other.LAN")
+    process = chat_process(
+        "--port", "0", "--ws-port", "0", "--allow-host", "chat.lan", "--allow-host", "Other.LAN"
+    )
     process.urls()
     page_origin = f"http://chat.lan:{process.port}"
     headers = {"Host": f"chat.lan:{process.port}", "Origin": page_origin}
-    assert request(process.port, "POST", "/messages", {"text": "via chat.lan"}, headers=headers)[0] == 201
+    assert (
+        request(process.port, "POST", "/messages", {"text": "via chat.lan"}, headers=headers)[0]
+        == 201
+    )
     assert request(process.port, "GET", "/config", headers={"Host": "other.lan"})[0] == 200
     with handshake(process.ws_port, "chat.lan", origin=page_origin) as ws:
         assert [m["text"] for m in receive(ws, "history")["messages"]] == ["via chat.lan"]
@@ -2057,13 +2340,26 @@ def test_allow_host_admits_a_name_on_http_and_the_handshake(chat_process):
 
 
 @pytest.mark.parametrize(
-    "origin", ["null", "http://localhost:{port}", "http://evil.example", "https://127.0.0.1:{port}", "http://127.0.0.1:1"]
+    "origin",
+    [
+        "null",
+        "http://localhost:{port}",
+        "http://evil.example",
+        "https://127.0.0.1:{port}",
+        "http://127.0.0.1:1",
+    ],
 )
 @pytest.mark.parametrize("path", ["/messages", "/send_message"])
 def test_a_post_from_another_origin_is_refused_and_stores_nothing(server, origin, path):
     headers = {"Origin": origin.format(port=server.port)}
-    status, _, body = request(server.port, "POST", path, "text=cross-site", "application/x-www-form-urlencoded",
-                              headers=headers)
+    status, _, body = request(
+        server.port,
+        "POST",
+        path,
+        "text=cross-site",
+        "application/x-www-form-urlencoded",
+        headers=headers,
+    )
     assert status == 403
     assert "only the chat's own page" in json.loads(body)["errors"]["origin"]
     assert stored_texts(server.port) == []
@@ -2072,8 +2368,14 @@ def test_a_post_from_another_origin_is_refused_and_stores_nothing(server, origin
 @pytest.mark.parametrize("origin", [None, "http://127.0.0.1:{port}"])
 def test_posts_without_origin_or_from_the_chat_page_are_stored(server, origin):
     headers = {"Origin": origin.format(port=server.port)} if origin else {}
-    status, _, _ = request(server.port, "POST", "/messages", "name=curl&text=hello", "application/x-www-form-urlencoded",
-                           headers=headers)
+    status, _, _ = request(
+        server.port,
+        "POST",
+        "/messages",
+        "name=curl&text=hello",
+        "application/x-www-form-urlencoded",
+        headers=headers,
+    )
     assert status == 201
     assert stored_texts(server.port) == ["hello"]
 
@@ -2085,12 +2387,20 @@ def test_host_0_0_0_0_prints_addresses_people_can_open_never_0_0_0_0(chat_proces
     while not lines[-1].startswith("Websocket:  ws://127.0.0.1:"):  # loopback comes last
         lines.append(process.lines.get(timeout=5))
     assert "0.0.0.0" not in "".join(lines)
-    assert lines[-2:] == [f"Chat page:  http://127.0.0.1:{process.port}/\n", f"Websocket:  ws://127.0.0.1:{process.ws_port}/\n"]
-    for page_line, ws_line in zip(lines[::2], lines[1::2]):
+    assert lines[-2:] == [
+        f"Chat page:  http://127.0.0.1:{process.port}/\n",
+        f"Websocket:  ws://127.0.0.1:{process.ws_port}/\n",
+    ]
+    for page_line, ws_line in zip(lines[::2], lines[1::2], strict=True):
         address = page_line.split("//")[1].split(":")[0]
         assert page_line == f"Chat page:  http://{address}:{process.port}/\n"
         assert ws_line == f"Websocket:  ws://{address}:{process.ws_port}/\n"
-        assert request(process.port, "GET", "/health", headers={"Host": f"{address}:{process.port}"})[0] == 200
+        assert (
+            request(process.port, "GET", "/health", headers={"Host": f"{address}:{process.port}"})[
+                0
+            ]
+            == 200
+        )
 
 
 # The same in a real browser: another site's page, and the chat page opened at every address.
@@ -2108,8 +2418,14 @@ def open_url(browser):
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(10_000)
-        page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
-        page.on("console", lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text))
+        page.on(
+            "dialog",
+            lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()),
+        )
+        page.on(
+            "console",
+            lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
+        )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         page.goto(url)
         expect(page.locator("#status")).to_have_text("online")
@@ -2169,7 +2485,9 @@ def test_browser_a_page_on_another_site_cannot_post_to_the_chat(server, browser,
         context = browser.new_context()
         try:
             page = context.new_page()
-            with page.expect_response(lambda response: response.url.startswith(f"{chat_url}/messages")) as answer:
+            with page.expect_response(
+                lambda response: response.url.startswith(f"{chat_url}/messages")
+            ) as answer:
                 page.goto(f"http://localhost:{site_port}/")  # localhost and 127.0.0.1: two sites
             assert answer.value.status == 403
         finally:
@@ -2187,7 +2505,7 @@ def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_
     if lan != "127.0.0.1":
         hosts.append(lan)
     pages = [open_url(f"http://{host}:{process.port}/") for host in hosts]
-    for host, page in zip(hosts, pages):
+    for host, page in zip(hosts, pages, strict=True):
         say(page, f"from {host}")
         expect(texts(page).last).to_have_text(f"from {host}")  # stored before the next one is sent
     for page in pages:
@@ -2234,20 +2552,38 @@ def test_public_url_page_policy_allows_the_wss_address(proxied_server):
 
 def test_public_url_origin_is_the_page_origin_for_posts_and_the_handshake(proxied_server):
     headers = {"Host": "chat.example.org", "Origin": PUBLIC}
-    assert request(proxied_server.port, "POST", "/messages", {"text": "via the proxy"}, headers=headers)[0] == 201
+    assert (
+        request(
+            proxied_server.port, "POST", "/messages", {"text": "via the proxy"}, headers=headers
+        )[0]
+        == 201
+    )
     with handshake(proxied_server.ws_port, "chat.example.org", "/ws", origin=PUBLIC) as ws:
         assert [m["text"] for m in receive(ws, "history")["messages"]] == ["via the proxy"]
     direct = f"http://127.0.0.1:{proxied_server.port}"  # not the page's origin any more
-    assert request(proxied_server.port, "POST", "/messages", {"text": "x"}, headers={"Origin": direct})[0] == 403
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-        with handshake(proxied_server.ws_port, "127.0.0.1", "/ws", origin=direct):
-            pass
+    assert (
+        request(
+            proxied_server.port, "POST", "/messages", {"text": "x"}, headers={"Origin": direct}
+        )[0]
+        == 403
+    )
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        handshake(proxied_server.ws_port, "127.0.0.1", "/ws", origin=direct),
+    ):
+        pass
     assert refused.value.response.status_code == 403
 
 
 @pytest.mark.parametrize(
-    "args", [["--public-url", "https://chat.example.org/chat/"], ["--public-url", "chat.example.org"],
-             ["--public-url", "https://x:port"], ["--allow-host", "chat.lan:8000"], ["--allow-host", "http://chat.lan"]],
+    "args",
+    [
+        ["--public-url", "https://chat.example.org/chat/"],
+        ["--public-url", "chat.example.org"],
+        ["--public-url", "https://x:port"],
+        ["--allow-host", "chat.lan:8000"],
+        ["--allow-host", "http://chat.lan"],
+    ],
 )
 def test_a_bad_public_url_or_allow_host_is_one_line_and_exit_2(chat_process, args):
     process = chat_process(*args)
@@ -2261,7 +2597,9 @@ def flood(port, forwarded_for, source="127.0.0.1", count=25):
     statuses = []
     for n in range(count):
         headers = {"X-Forwarded-For": forwarded_for[n % len(forwarded_for)]}
-        statuses.append(request(port, "POST", "/messages", {"text": f"m{n}"}, headers=headers, source=source)[0])
+        statuses.append(
+            request(port, "POST", "/messages", {"text": f"m{n}"}, headers=headers, source=source)[0]
+        )
     return statuses
 
 
@@ -2270,7 +2608,8 @@ def test_behind_the_proxy_each_forwarded_client_has_its_own_rate_limit(proxied_s
     assert flood(proxied_server.port, ["198.51.100.2"], count=1) == [201]  # another, same proxy
 
 
-NEW_ADDRESS_EACH_TIME = [f"198.51.100.{n}" for n in range(1, 30)]  # a client that claims a new address per post
+# a client that claims a new address per post
+NEW_ADDRESS_EACH_TIME = [f"198.51.100.{n}" for n in range(1, 30)]
 
 
 def test_x_forwarded_for_from_anyone_but_the_proxy_is_ignored(proxied_server):
@@ -2299,7 +2638,9 @@ class Nginx:
         self.url = f"https://localhost:{self.https_port}"
 
     def configure(self, chat_processes):
-        (http_a, ws_a), (http_b, ws_b) = [(process.port, process.ws_port) for process in chat_processes]
+        (http_a, ws_a), (http_b, ws_b) = [
+            (process.port, process.ws_port) for process in chat_processes
+        ]
         d = self.directory
         site = CHAT_PY.with_name("deploy").joinpath("nginx.conf").read_text()
         replacements = {
@@ -2308,14 +2649,19 @@ class Nginx:
             "chat.example.org": "localhost",
             "/etc/letsencrypt/live/localhost/fullchain.pem": f"{d}/cert.pem",
             "/etc/letsencrypt/live/localhost/privkey.pem": f"{d}/key.pem",
-            "127.0.0.1:8000;": f"127.0.0.1:{http_a};", "127.0.0.1:8001;": f"127.0.0.1:{http_b};",
-            "127.0.0.1:8765;": f"127.0.0.1:{ws_a};", "127.0.0.1:8766;": f"127.0.0.1:{ws_b};",
+            "127.0.0.1:8000;": f"127.0.0.1:{http_a};",
+            "127.0.0.1:8001;": f"127.0.0.1:{http_b};",
+            "127.0.0.1:8765;": f"127.0.0.1:{ws_a};",
+            "127.0.0.1:8766;": f"127.0.0.1:{ws_b};",
         }
         for old, new in replacements.items():
             assert old in site, f"deploy/nginx.conf no longer has {old!r}: update this test"
             site = site.replace(old, new)
         (d / "chat.conf").write_text(site)
-        temp_paths = "".join(f"    {kind}_temp_path {d}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temp_paths = "".join(
+            f"    {kind}_temp_path {d}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         (d / "nginx.conf").write_text(
             f"error_log {d}/error.log;\nevents {{}}\nhttp {{\n    access_log off;\n{temp_paths}    include {d}/chat.conf;\n}}\n"
         )
@@ -2323,14 +2669,28 @@ class Nginx:
     def start(self):
         d = self.directory
         self.process = subprocess.Popen(
-            [self.binary, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log"),
-             "-g", f"daemon off; pid {d}/nginx.pid;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                self.binary,
+                "-p",
+                str(d),
+                "-c",
+                str(d / "nginx.conf"),
+                "-e",
+                str(d / "error.log"),
+                "-g",
+                f"daemon off; pid {d}/nginx.pid;",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        for _ in range(200):  # ready when /health answers through it (another program may hold the port)
+        # ready when /health answers through it (another program may hold the port)
+        for _ in range(200):
             if self.process.poll() is not None:
                 raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
-            connection = http.client.HTTPSConnection("127.0.0.1", self.https_port, timeout=1, context=unverified_tls())
+            connection = http.client.HTTPSConnection(
+                "127.0.0.1", self.https_port, timeout=1, context=unverified_tls()
+            )
             with contextlib.suppress(OSError), contextlib.closing(connection):
                 connection.request("GET", "/health", headers={"Host": "localhost"})
                 if connection.getresponse().status == 200:
@@ -2359,13 +2719,33 @@ def behind_nginx(tmp_path, redis_server, chat_process):
     nginx_binary = needed_program("nginx", "nginx")
     openssl = needed_program("openssl", "openssl")
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-        check=True, capture_output=True, timeout=30,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
     )
     nginx = Nginx(nginx_binary, tmp_path)
     nginx.chat_processes = [
-        chat_process("--port", "0", "--ws-port", "0", "--redis", redis_server.url, "--public-url", nginx.url)
+        chat_process(
+            "--port", "0", "--ws-port", "0", "--redis", redis_server.url, "--public-url", nginx.url
+        )
         for _ in range(2)
     ]
     for process in nginx.chat_processes:
@@ -2376,7 +2756,9 @@ def behind_nginx(tmp_path, redis_server, chat_process):
     nginx.stop()
 
 
-def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_misses_nothing(behind_nginx, open_url):
+def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_misses_nothing(
+    behind_nginx, open_url
+):
     from playwright.sync_api import expect
 
     sockets = []
@@ -2397,25 +2779,40 @@ def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_
     say(bob, "six")
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three", "four", "five", "six"])
-    assert sockets and all(url.startswith(f"wss://localhost:{behind_nginx.https_port}/ws?") for url in sockets)
+    assert sockets and all(
+        url.startswith(f"wss://localhost:{behind_nginx.https_port}/ws?") for url in sockets
+    )
 
 
 def test_behind_nginx_a_foreign_host_and_a_foreign_origin_are_still_refused(behind_nginx):
-    connection = http.client.HTTPSConnection("127.0.0.1", behind_nginx.https_port, timeout=10, context=unverified_tls())
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", behind_nginx.https_port, timeout=10, context=unverified_tls()
+    )
     connection.request("GET", "/messages", headers={"Host": REBIND})
     response = connection.getresponse()
-    assert response.status == 403 and f"--allow-host {REBIND}" in json.loads(response.read())["errors"]["host"]
+    assert (
+        response.status == 403
+        and f"--allow-host {REBIND}" in json.loads(response.read())["errors"]["host"]
+    )
     connection.close()
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-        with connect(f"wss://localhost:{behind_nginx.https_port}/ws", ssl=unverified_tls(), open_timeout=5,
-                     origin="https://evil.example"):
-            pass
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        connect(
+            f"wss://localhost:{behind_nginx.https_port}/ws",
+            ssl=unverified_tls(),
+            open_timeout=5,
+            origin="https://evil.example",
+        ),
+    ):
+        pass
     assert refused.value.response.status_code == 403
 
 
 def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_process):
     url = f"wss://localhost:{behind_nginx.https_port}/ws"
-    with connect(url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url, max_queue=None) as ws:
+    with connect(
+        url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url, max_queue=None
+    ) as ws:
         receive(ws, "history")
         for process in behind_nginx.chat_processes:
             process.process.send_signal(signal.SIGTERM)
@@ -2423,6 +2820,7 @@ def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_pr
             while True:
                 ws.recv(timeout=5)
         assert closed.value.rcvd.code == 1001
+
 
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
 
@@ -2515,7 +2913,9 @@ def record_statuses(page):
 
 
 @pytest.mark.parametrize("lost", ["both ways", "answers only"])
-def test_browser_notices_a_silent_connection_and_sends_what_was_pending_once(server, relay, open_page, lost):
+def test_browser_notices_a_silent_connection_and_sends_what_was_pending_once(
+    server, relay, open_page, lost
+):
     """The relay stops forwarding: either the message never reaches the server, or it is
     stored and only the answer is lost. Either way it is pending until stored, the status
     leaves "online" within 30 s (the heartbeat), and after the reconnect it is stored once."""
@@ -2584,7 +2984,8 @@ def test_browser_refused_messages_are_kept_marked_and_sent_again(server, open_pa
     expect(failed.first).to_contain_text("Not sent: too many messages too fast")
     expect(page.locator("#outbox .message.sending")).to_have_count(0)
     assert len(stored_texts(server.port)) + failed.count() == 30  # nothing lost
-    for _ in range(300):  # the server takes 10 a second: a text may be refused again, and kept again
+    # the server takes 10 a second: a text may be refused again, and kept again
+    for _ in range(300):
         if failed.count() == 0:
             break
         failed.first.get_by_role("button", name="Send again").click()
@@ -2662,8 +3063,10 @@ def test_browser_draws_the_history_in_one_batch_without_reading_layout_per_messa
 
 
 def at_bottom(page):
-    return page.evaluate("() => { const log = document.getElementById('log'); "
-                         "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }")
+    return page.evaluate(
+        "() => { const log = document.getElementById('log'); "
+        "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }"
+    )
 
 
 def test_browser_on_a_phone_stays_at_the_bottom_and_shows_own_messages(server, open_page):
@@ -2679,8 +3082,10 @@ def test_browser_on_a_phone_stays_at_the_bottom_and_shows_own_messages(server, o
     expect(texts(page).last).to_be_in_viewport()
     say(page, "x" * 2001)  # the error line appears and the log gets shorter
     expect(page.locator("#chat-error")).to_be_visible()
-    page.wait_for_function("() => { const log = document.getElementById('log'); "
-                           "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }")
+    page.wait_for_function(
+        "() => { const log = document.getElementById('log'); "
+        "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }"
+    )
 
 
 def test_browser_shows_a_new_messages_button_when_scrolled_up(server, open_page):
@@ -2747,8 +3152,14 @@ def test_browser_makes_http_addresses_links_and_nothing_else(server, open_page):
     from playwright.sync_api import expect
 
     page = open_page(server.port)
-    post(server.port, "/messages", {"text": "see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"})
-    expect(texts(page)).to_have_text(["see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"])
+    post(
+        server.port,
+        "/messages",
+        {"text": "see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"},
+    )
+    expect(texts(page)).to_have_text(
+        ["see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"]
+    )
     links = page.locator("#chat-box a")
     expect(links).to_have_count(1)
     expect(links).to_have_attribute("href", "https://example.org/a?b=1")
@@ -2872,18 +3283,44 @@ def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(s
     assert ws.url.startswith(f"ws://127.0.0.1:{server.port}/ws?")
 
     def message(n):
-        return {"type": "message", "id": n, "name": "bob", "text": f"m{n}", "ts": "2026-11-23T14:05:09.123Z"}
+        return {
+            "type": "message",
+            "id": n,
+            "name": "bob",
+            "text": f"m{n}",
+            "ts": "2026-11-23T14:05:09.123Z",
+        }
 
-    first = {"type": "history", "room": "r", "name": "alice", "messages": [message(1), message(2)], "more": True,
-             "online": ["carol", "bob"]}
+    first = {
+        "type": "history",
+        "room": "r",
+        "name": "alice",
+        "messages": [message(1), message(2)],
+        "more": True,
+        "online": ["carol", "bob"],
+    }
     ws.send(json.dumps(first))
     expect(texts(page)).to_have_text(["m1", "m2"])
     expect(page.locator("#status")).not_to_have_text("online")  # not before the last piece
-    ws.send(json.dumps({"type": "history", "room": "r", "name": "alice", "messages": [message(3)], "more": False}))
+    ws.send(
+        json.dumps(
+            {
+                "type": "history",
+                "room": "r",
+                "name": "alice",
+                "messages": [message(3)],
+                "more": False,
+            }
+        )
+    )
     expect(page.locator("#status")).to_have_text("online")
     ws.send(json.dumps({"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}))
     expect(page.locator("#online li")).to_have_text(["alice", "bob", "carol"])
-    changes = [{"left": "bob"}, {"renamed": {"from": "carol", "to": "caroline"}}, {"joined": "dave"}]
+    changes = [
+        {"left": "bob"},
+        {"renamed": {"from": "carol", "to": "caroline"}},
+        {"joined": "dave"},
+    ]
     ws.send(json.dumps({"type": "presence", "changes": changes}))
     expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
     expect(page.locator("#online-count")).to_have_text("3 online")
@@ -2933,8 +3370,10 @@ def test_browser_keeps_the_text_marked_not_sent_while_the_server_is_away(chat_pr
     expect(page.locator("#outbox .state")).to_contain_text("Not sent yet")
 
 
-AT_BOTTOM = "() => { const box = document.getElementById('log'); " \
-            "return box.scrollHeight - box.scrollTop - box.clientHeight < 2; }"
+AT_BOTTOM = (
+    "() => { const box = document.getElementById('log'); "
+    "return box.scrollHeight - box.scrollTop - box.clientHeight < 2; }"
+)
 
 
 def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open_page):
@@ -2972,18 +3411,31 @@ class Walkthrough:
     """The README's walkthrough: its shell commands, and its example output blocks."""
 
     def __init__(self, port, ws_port):
-        section = README.read_text(encoding="utf-8").split("## Workshop walkthrough", 1)[1].split("\n## ", 1)[0]
+        section = (
+            README.read_text(encoding="utf-8")
+            .split("## Workshop walkthrough", 1)[1]
+            .split("\n## ", 1)[0]
+        )
         blocks = re.findall(r"```(\w*)\n(.*?)```", section, flags=re.DOTALL)
-        self.commands = [line for kind, body in blocks if kind == "sh"
-                         for line in body.replace("\\\n", "").splitlines() if line.strip()]
+        self.commands = [
+            line
+            for kind, body in blocks
+            if kind == "sh"
+            for line in body.replace("\\\n", "").splitlines()
+            if line.strip()
+        ]
         self.outputs = [body for kind, body in blocks if kind == ""]
         self.port, self.ws_port = port, ws_port
         self.unused = list(self.commands)
 
     def take(self, pattern):
         """The one command that matches `pattern` (a regex, matched whole), ports swapped."""
-        found = [command for command in self.commands if re.fullmatch(pattern, " ".join(command.split()))]
-        assert len(found) == 1, f"the README's walkthrough has {found} for {pattern!r}: update the README or this test"
+        found = [
+            command for command in self.commands if re.fullmatch(pattern, " ".join(command.split()))
+        ]
+        assert len(found) == 1, (
+            f"the README's walkthrough has {found} for {pattern!r}: update the README or this test"
+        )
         self.unused.remove(found[0])
         return self.swap_ports(found[0])
 
@@ -2997,12 +3449,18 @@ class Terminal:
     def __init__(self, command):
         command = re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", command)
         self.process = subprocess.Popen(
-            ["bash", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, cwd=CHAT_PY.parent,
+            ["bash", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=CHAT_PY.parent,
         )
         self.lines, self.errors = queue.Queue(), []  # stderr: curl's progress meter, tracebacks
-        self.readers = [threading.Thread(target=self._read, daemon=True),
-                        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True)]
+        self.readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True),
+        ]
         for reader in self.readers:
             reader.start()
 
@@ -3030,11 +3488,15 @@ class Terminal:
 
     def expect_frame(self, kind, **fields):
         """The next frame (`< {...}` from the interactive client) of this type with these fields."""
+
         def matches(line):
             if not line.startswith("< {"):
                 return False
             frame = json.loads(line[2:])
-            return frame["type"] == kind and all(frame.get(key) == value for key, value in fields.items())
+            return frame["type"] == kind and all(
+                frame.get(key) == value for key, value in fields.items()
+            )
+
         return json.loads(self.expect(matches)[2:])
 
     def output(self, timeout=10):
@@ -3084,7 +3546,9 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     steps = Walkthrough(free_port(), free_port())
 
     # Start: `python chat.py` prints the two URLs the README shows (here on free ports).
-    server = terminals(steps.take(r"python chat\.py") + f" --port {steps.port} --ws-port {steps.ws_port}")
+    server = terminals(
+        steps.take(r"python chat\.py") + f" --port {steps.port} --ws-port {steps.ws_port}"
+    )
     printed = [server.expect("Chat page:"), server.expect("Websocket:")]
     assert printed == steps.swap_ports(steps.outputs[0]).splitlines()
 
@@ -3103,7 +3567,11 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     alice.type("hello")
     for person in (alice, bob):
         assert person.expect_frame("message", text="hello") | {"ts": "..."} == {
-            "type": "message", "id": 1, "name": "alice", "text": "hello", "ts": "...",
+            "type": "message",
+            "id": 1,
+            "name": "alice",
+            "text": "hello",
+            "ts": "...",
         }
     for frame in steps.outputs[1].splitlines():  # the JSON frames the README shows
         alice.type(frame)
@@ -3120,7 +3588,9 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     assert [m["text"] for m in history["messages"]] == ["hi", "while bob was away", "and more"]
 
     # 4. Posting over HTTP with curl: stored, broadcast to both, listed, counted.
-    posted = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*hello from HTTP.*"))
+    posted = terminals(
+        steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*hello from HTTP.*")
+    )
     assert json.loads(posted.output())["text"] == "hello from HTTP"
     for person in (alice, bob):
         assert person.expect_frame("message", text="hello from HTTP")["name"] == "curl"
@@ -3147,9 +3617,15 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
 
     # 8. A workshop room: every printed address opens (never 0.0.0.0), loopback last.
     steps.port, steps.ws_port = free_port(), free_port()  # a second chat, beside the first
-    room = terminals(steps.take(r"python chat\.py --host 0\.0\.0\.0") + f" --port {steps.port} --ws-port {steps.ws_port}")
+    room = terminals(
+        steps.take(r"python chat\.py --host 0\.0\.0\.0")
+        + f" --port {steps.port} --ws-port {steps.ws_port}"
+    )
     expected = steps.swap_ports(steps.outputs[-1]).splitlines()
-    assert expected[-2:] == [f"Chat page:  http://127.0.0.1:{steps.port}/", f"Websocket:  ws://127.0.0.1:{steps.ws_port}/"]
+    assert expected[-2:] == [
+        f"Chat page:  http://127.0.0.1:{steps.port}/",
+        f"Websocket:  ws://127.0.0.1:{steps.ws_port}/",
+    ]
     printed = [room.expect("Chat page:"), room.expect("Websocket:")]
     while printed[-2] != expected[-2]:  # up to the loopback pair, which comes last
         printed += [room.expect("Chat page:"), room.expect("Websocket:")]

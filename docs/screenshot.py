@@ -10,9 +10,9 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import chat  # noqa: E402
-from test_chat import CHROMIUM, CHROMIUM_FLAGS  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py and test_chat.py
+import chat
+from test_chat import CHROMIUM, CHROMIUM_FLAGS
 
 CONVERSATION = [
     ("alice", "Hi Bob! Is the websocket server up?"),
@@ -48,5 +48,8 @@ def make_screenshot(browser, output):
 if __name__ == "__main__":
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        make_screenshot(chromium, sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("screenshot.png"))
+        make_screenshot(
+            chromium,
+            sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("screenshot.png"),
+        )
         chromium.close()
