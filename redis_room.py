@@ -102,7 +102,9 @@ class RedisRoom(chat.Room):
 
     async def restore(self):
         """Name the room if no process did yet; if Redis lost its data, go on from our ids."""
-        room_id = await self.restore_script(keys=[ROOM_ID, LAST_ID], args=[self.room_id, self.last_id])
+        room_id = await self.restore_script(
+            keys=[ROOM_ID, LAST_ID], args=[self.room_id, self.last_id]
+        )
         self.room_id = room_id.decode()
 
     async def post(self, name, text, ref=None):
