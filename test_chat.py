@@ -802,7 +802,7 @@ def test_a_client_that_negotiated_compression_gets_compressed_frames():
             writer.close()
         return head
 
-    head = asyncio.run(asyncio.wait_for(scenario(), 10))
+    head = run_async(asyncio.wait_for(scenario(), 10))
     assert head[0] & 0x40, "RSV1 is not set: the frame was not compressed"
     assert head[1] & 0x7F < 126, "1000 bytes of x compress to a few"
 
