@@ -55,7 +55,17 @@ def running_servers(host="127.0.0.1", **options):
         yield servers
     finally:
         servers.stop()
-    assert set(threading.enumerate()) <= threads_before, "a server thread outlived stop()"
+    assert not threads_started_since(threads_before), "a server thread outlived stop()"
+
+
+def threads_started_since(before):
+    """The threads started since `before` that still run, once the test's own websocket clients
+    are done: a sync client's keepalive thread ends just after its connection closed (close()
+    does not join it), so under load it may still be finishing when the test checks."""
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.endswith("(keepalive)"):
+            thread.join(5)
+    return set(threading.enumerate()) - before
 
 
 @pytest.fixture
@@ -129,14 +139,33 @@ def post(port, path, body, content_type="application/json", source="127.0.0.1"):
     return status, json.loads(data)
 
 
+def stored_texts(port):
+    """The texts the room keeps, oldest first (up to 1000)."""
+    return [m["text"] for m in get(port, "/messages?limit=1000")[1]["messages"]]
+
+
+def wait_until(condition, timeout=10, what="the condition"):
+    """Polls `condition()` until it is true, or fails after `timeout` seconds."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError(f"{what} never came true within {timeout} s")
+
+
 def wait_for_health(port, timeout=10, **expected):
     """Polls /health until it shows `expected` (say clients=0), or fails after `timeout`."""
-    for _ in range(int(timeout / 0.05)):
-        health = get(port, "/health")[1]
-        if all(health[key] == value for key, value in expected.items()):
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError(f"/health never showed {expected}: {health}")
+
+    health = {}
+
+    def shows_expected():
+        health.update(get(port, "/health")[1])
+        return all(health[key] == value for key, value in expected.items())
+
+    try:
+        wait_until(shows_expected, timeout, what=f"/health showing {expected}")
+    except AssertionError as never:
+        raise AssertionError(f"{never}; it last showed {health}") from None
 
 
 def seed(count, name="seed"):
@@ -196,6 +225,11 @@ def receive_until(ws, done, kinds=("message",), timeout=5):
 def presence_frames(ws, count):
     """Presence frames until they carry `count` changes in all (several may share a frame)."""
     return receive_until(ws, lambda frames: len(all_changes(frames)) >= count, ("presence",))
+
+
+def presence_changes(ws, until):
+    """The changes of presence frames, read until `until(changes so far)` holds."""
+    return all_changes(receive_until(ws, lambda frames: until(all_changes(frames)), ("presence",)))
 
 
 def all_changes(frames):
@@ -466,15 +500,6 @@ def test_plain_text_frame_is_a_message(server):
         assert receive(ws, "message")["text"] == "[1, 2]"
 
 
-def presence_changes(ws, until):
-    """Presence frames until `until(changes so far)`; returns the changes and the last frame."""
-    changes = []
-    while not until(changes):
-        frame = receive(ws, "presence")
-        changes += frame["changes"]
-    return changes, frame
-
-
 def test_presence_on_join_rename_and_leave(server):
     with joined(server, name="alice") as (alice, history):
         assert history["online"] == []  # who was there before her
@@ -486,7 +511,7 @@ def test_presence_on_join_rename_and_leave(server):
         }
         with joined(server, name="bob") as (bob, bobs_history):
             bob.send(json.dumps({"type": "name", "name": "robert"}))
-            changes, _ = presence_changes(alice, until=lambda changes: len(changes) == 2)
+            changes = presence_changes(alice, until=lambda changes: len(changes) == 2)
             assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
             assert bobs_history["online"] == ["alice"]
         left = receive(alice, "presence")
@@ -497,9 +522,7 @@ def test_history_online_and_the_presence_changes_after_it_add_up_to_who_is_there
     with joined(server, name="alice") as (alice, _):
         receive(alice, "presence")  # her join went out: the next changes wait up to 0.25 s
         with joined(server, name="bob"), joined(server, name="carol") as (carol, history):
-            changes, _ = presence_changes(
-                carol, until=lambda changes: {"joined": "carol"} in changes
-            )
+            changes = presence_changes(carol, until=lambda changes: {"joined": "carol"} in changes)
             online = history["online"] + [change["joined"] for change in changes]
             assert sorted(online) == ["alice", "bob", "carol"]  # bob's join was still waiting: once
 
@@ -821,7 +844,7 @@ def test_stop_closes_clients_with_1001_and_leaves_no_thread_or_socket():
         post(servers.port, "/messages", {"text": "hi"})
         servers.stop()
         assert close_code(ws) == 1001
-    assert set(threading.enumerate()) <= threads_before
+    assert not threads_started_since(threads_before)
     assert open_fds() <= fds_before
 
 
@@ -951,7 +974,7 @@ def test_a_flooding_websocket_does_not_stop_anyone_else(server):
         first = receive_until(calm, lambda frames: frames and frames[-1]["text"] == "calm one")[:-1]
         # only what the flood may send came first
         assert len(first) <= most_allowed(time.monotonic() - began)
-    stored = [m["text"] for m in get(server.port, "/messages?limit=1000")[1]["messages"]]
+    stored = stored_texts(server.port)
     took = time.monotonic() - began
     assert "calm one" in stored
     assert len(stored) - 1 <= most_allowed(took)  # the flood got its burst and the refill, no more
@@ -1061,9 +1084,7 @@ def test_length_is_counted_in_characters_not_bytes(server):
         ws.send(json.dumps({"type": "message", "text": "é" * 2000}))  # 4000 bytes, 2000 characters
         assert len(receive(ws, "message")["text"]) == 2000
         ws.send(json.dumps({"type": "name", "name": "😀" * 32}))
-        changes, _ = presence_changes(
-            ws, until=lambda changes: any("renamed" in c for c in changes)
-        )
+        changes = presence_changes(ws, until=lambda changes: any("renamed" in c for c in changes))
         assert changes[-1]["renamed"]["to"] == "😀" * 32
 
 
@@ -1345,6 +1366,15 @@ def redis_server(tmp_path):
     server.stop()
 
 
+def listens(port):
+    """Something accepts connections on 127.0.0.1:`port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 class RedisServer:
     def __init__(self, binary, port, directory):
         self.binary, self.port, self.directory = binary, port, directory
@@ -1367,14 +1397,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
         )
-        for _ in range(100):
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=1),
-            ):
-                return
-            threading.Event().wait(0.05)
-        raise RuntimeError("redis-server did not start")
+        wait_until(lambda: listens(self.port), timeout=5, what="redis-server listening")
 
     def stop(self):
         self.process.terminate()  # SIGTERM: Redis writes its data and exits
@@ -1446,7 +1469,7 @@ def test_redis_going_away_gives_errors_and_degraded_health_then_recovers(
         for ws in (on_a, on_b):
             message = receive(ws, "message")
             assert (message["id"], message["text"]) == (2, "back")
-    assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["before", "back"]
+    assert stored_texts(a.port) == ["before", "back"]
 
 
 def test_redis_restarted_without_its_data_ids_go_on_and_nothing_is_doubled(
@@ -1505,14 +1528,6 @@ def seed_big(count):
     chat.ask_room(post_all())
 
 
-def wait_until(condition, timeout=10, what="the condition"):
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        threading.Event().wait(0.02)
-    raise AssertionError(f"{what} never came true within {timeout} s")
-
-
 def server_waits_for_a_client(servers):
     """True when the server holds back writes to some client because it does not read."""
 
@@ -1533,10 +1548,9 @@ def server_connections(servers):
 def big_room():
     """A room keeping 2000 messages of 8 KB, 16 MB: more than the kernel's socket buffers
     (4 MB here) and the 1 MiB write limit together."""
-    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
-    seed_big(2000)
-    yield servers
-    servers.stop()
+    with running_servers(history=2000) as servers:
+        seed_big(2000)
+        yield servers
 
 
 @contextlib.contextmanager
@@ -1588,8 +1602,7 @@ def test_messages_posted_while_a_client_catches_up_reach_it_once_in_order(big_ro
 
 def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(monkeypatch):
     monkeypatch.setattr(chat, "PING_TIMEOUT", 0.5)  # 20 s in real life
-    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
-    try:
+    with running_servers(history=2000) as servers:
         seed_big(2000)
         with stalled_resume(servers):
             wait_until(
@@ -1598,8 +1611,6 @@ def test_a_resuming_client_that_stops_reading_is_dropped_after_the_ping_timeout(
                 what="the stalled client dropped",
             )
         wait_for_health(servers.port, clients=0)  # it never joined the room
-    finally:
-        servers.stop()
 
 
 def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
@@ -1620,27 +1631,23 @@ def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
 
 def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monkeypatch):
     monkeypatch.setattr(chat, "MAX_CLIENTS", 3)
-    servers = chat.Servers("127.0.0.1", 0, 0)
-    try:
-        with contextlib.ExitStack() as stack:
-            first = stack.enter_context(joined(servers))[0]
-            for _ in range(2):
-                stack.enter_context(joined(servers))
-            with (
-                pytest.raises(websockets.exceptions.InvalidStatus) as refused,
-                connect(ws_url(servers), open_timeout=5),
-            ):
-                pass
-            assert refused.value.response.status_code == 503
-            assert b"full" in refused.value.response.body
-            assert request(servers.port, "GET", "/")[0] == 200
-            assert get(servers.port, "/health")[0] == 200
-            first.close()
-            wait_for_health(servers.port, clients=2)
-            with joined(servers) as (_, history):  # a place is free again
-                assert history["type"] == "history"
-    finally:
-        servers.stop()
+    with running_servers() as servers, contextlib.ExitStack() as stack:
+        first = stack.enter_context(joined(servers))[0]
+        for _ in range(2):
+            stack.enter_context(joined(servers))
+        with (
+            pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+            connect(ws_url(servers), open_timeout=5),
+        ):
+            pass
+        assert refused.value.response.status_code == 503
+        assert b"full" in refused.value.response.body
+        assert request(servers.port, "GET", "/")[0] == 200
+        assert get(servers.port, "/health")[0] == 200
+        first.close()
+        wait_for_health(servers.port, clients=2)
+        with joined(servers) as (_, history):  # a place is free again
+            assert history["type"] == "history"
 
 
 def fd_limit(soft, hard):
@@ -1692,13 +1699,12 @@ def closed_by_server(sock):
 
 def test_a_handshake_that_never_completes_is_closed_quickly(monkeypatch):
     monkeypatch.setattr(chat, "OPEN_TIMEOUT", 0.5)  # 5 s in real life; websockets' default is 10
-    servers = chat.Servers("127.0.0.1", 0, 0)
-    try:
-        with socket.create_connection(("127.0.0.1", servers.ws_port), timeout=3) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
-            assert sock.recv(1024) == b""  # closed by the server; a timeout fails the test
-    finally:
-        servers.stop()
+    with (
+        running_servers() as servers,
+        socket.create_connection(("127.0.0.1", servers.ws_port), timeout=3) as sock,
+    ):
+        sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+        assert sock.recv(1024) == b""  # closed by the server; a timeout fails the test
 
 
 def test_a_few_hundred_idle_or_trickling_http_connections_do_not_lock_others_out(server):
@@ -1779,7 +1785,7 @@ def test_a_repeated_ref_gets_the_stored_message_back_and_stores_nothing(server):
         assert receive(ws, "message") == first  # the same message again, to the sender only
         ws.send(json.dumps({"type": "message", "text": "next", "ref": "r2"}))
         assert receive(other, "message")["text"] == "next"  # not "once" a second time
-    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["once", "next"]
+    assert stored_texts(server.port) == ["once", "next"]
 
 
 @pytest.mark.parametrize("path", ["/messages", "/send_message"])
@@ -1842,7 +1848,7 @@ def test_redis_a_ref_sent_again_to_the_other_process_is_stored_once(two_processe
         receive(ws, "history")
         ws.send(json.dumps({"type": "message", "text": "once", "ref": "shared"}))
         assert receive(ws, "message") == first
-    assert [m["text"] for m in get(a.port, "/messages")[1]["messages"]] == ["once"]
+    assert stored_texts(a.port) == ["once"]
 
 
 # --- Promises of the README that no test checked -------------------------------------
@@ -1979,7 +1985,7 @@ def test_websocket_frames_follow_the_text_and_name_rules_of_http(server, frame, 
         assert error in receive(ws, "error")["error"]
         ws.send("still here")
         assert receive(ws, "message")["name"] == "kept"
-    assert [m["text"] for m in get(server.port, "/messages")[1]["messages"]] == ["still here"]
+    assert stored_texts(server.port) == ["still here"]
 
 
 def test_a_name_with_control_characters_in_the_url_gets_an_error_and_a_guest_name(server):
@@ -2033,9 +2039,12 @@ def open_page(browser):
 
     contexts, problems = [], []
 
-    def open_as(port, name=None, clock=False, prepare=None, online=True, **context_options):
-        """`clock`: Playwright's clock, to move the page's timers on; `prepare(context)`: routes to
-        set up before the page loads; `context_options`: a viewport, say."""
+    def open_as(
+        port=None, name=None, clock=False, prepare=None, online=True, url=None, **context_options
+    ):
+        """The page at http://127.0.0.1:`port`/, or at `url`. `clock`: Playwright's clock, to
+        move the page's timers on; `prepare(context)`: routes to set up before the page loads;
+        `context_options`: a viewport, say."""
         context = browser.new_context(**context_options)
         contexts.append(context)
         if clock:
@@ -2059,7 +2068,7 @@ def open_page(browser):
             lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
         )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        page.goto(f"http://127.0.0.1:{port}/")
+        page.goto(url or f"http://127.0.0.1:{port}/")
         if online:
             expect(page.locator("#status")).to_have_text("online")
         return page
@@ -2250,11 +2259,6 @@ ALL_ROUTES = [
 ]
 
 
-def stored_texts(port):
-    """The texts the room keeps, oldest first (up to 1000)."""
-    return [m["text"] for m in get(port, "/messages?limit=1000")[1]["messages"]]
-
-
 def handshake(ws_port, host, path="/", origin=None):
     """A websocket handshake to this machine that names `host` in its Host header."""
     sock = socket.create_connection(("127.0.0.1", ws_port), timeout=5)
@@ -2406,37 +2410,6 @@ def test_host_0_0_0_0_prints_addresses_people_can_open_never_0_0_0_0(chat_proces
 # The same in a real browser: another site's page, and the chat page opened at every address.
 
 
-@pytest.fixture
-def open_url(browser):
-    """Opens the chat page at `url` as a new person; fails the test on any dialog or CSP error."""
-    from playwright.sync_api import expect
-
-    contexts, problems = [], []
-
-    def open_at(url, **context_options):
-        context = browser.new_context(**context_options)
-        contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(10_000)
-        page.on(
-            "dialog",
-            lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()),
-        )
-        page.on(
-            "console",
-            lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
-        )
-        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        page.goto(url)
-        expect(page.locator("#status")).to_have_text("online")
-        return page
-
-    yield open_at
-    for context in contexts:
-        context.close()
-    assert problems == []
-
-
 @contextlib.contextmanager
 def other_site(html):
     """Another web site: a tiny HTTP server answering every GET with `html`, on a free port."""
@@ -2495,7 +2468,7 @@ def test_browser_a_page_on_another_site_cannot_post_to_the_chat(server, browser,
     assert stored_texts(server.port) == []
 
 
-def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_process, open_url):
+def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_process, open_page):
     from playwright.sync_api import expect
 
     process = chat_process("--host", "0.0.0.0", "--port", "0", "--ws-port", "0")
@@ -2504,7 +2477,7 @@ def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_
     lan = urllib.parse.urlsplit(first_page).hostname
     if lan != "127.0.0.1":
         hosts.append(lan)
-    pages = [open_url(f"http://{host}:{process.port}/") for host in hosts]
+    pages = [open_page(url=f"http://{host}:{process.port}/") for host in hosts]
     for host, page in zip(hosts, pages, strict=True):
         say(page, f"from {host}")
         expect(texts(page).last).to_have_text(f"from {host}")  # stored before the next one is sent
@@ -2525,9 +2498,8 @@ PUBLIC = "https://chat.example.org"
 @pytest.fixture
 def proxied_server():
     """The chat as a proxy on this machine would reach it: --public-url https://chat.example.org."""
-    servers = chat.Servers("127.0.0.1", 0, 0, public_url=PUBLIC)
-    yield servers
-    servers.stop()
+    with running_servers(public_url=PUBLIC) as servers:
+        yield servers
 
 
 def test_public_url_config_sends_the_page_to_ws_on_its_own_origin(proxied_server):
@@ -2685,18 +2657,18 @@ class Nginx:
             text=True,
         )
         # ready when /health answers through it (another program may hold the port)
-        for _ in range(200):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
-            connection = http.client.HTTPSConnection(
-                "127.0.0.1", self.https_port, timeout=1, context=unverified_tls()
-            )
-            with contextlib.suppress(OSError), contextlib.closing(connection):
-                connection.request("GET", "/health", headers={"Host": "localhost"})
-                if connection.getresponse().status == 200:
-                    return
-            threading.Event().wait(0.05)
-        raise RuntimeError("nginx did not answer within 10 s")
+        wait_until(self.answers, timeout=10, what="nginx answering /health")
+
+    def answers(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.https_port, timeout=1, context=unverified_tls()
+        )
+        with contextlib.suppress(OSError), contextlib.closing(connection):
+            connection.request("GET", "/health", headers={"Host": "localhost"})
+            return connection.getresponse().status == 200
+        return False
 
     def stop(self):
         self.process.terminate()
@@ -2757,12 +2729,12 @@ def behind_nginx(tmp_path, redis_server, chat_process):
 
 
 def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_misses_nothing(
-    behind_nginx, open_url
+    behind_nginx, open_page
 ):
     from playwright.sync_api import expect
 
     sockets = []
-    alice, bob = (open_url(f"{behind_nginx.url}/", ignore_https_errors=True) for _ in range(2))
+    alice, bob = (open_page(url=f"{behind_nginx.url}/", ignore_https_errors=True) for _ in range(2))
     for page in (alice, bob):
         page.on("websocket", lambda ws: sockets.append(ws.url))
     say(alice, "one")
@@ -2795,17 +2767,8 @@ def test_behind_nginx_a_foreign_host_and_a_foreign_origin_are_still_refused(behi
         and f"--allow-host {REBIND}" in json.loads(response.read())["errors"]["host"]
     )
     connection.close()
-    with (
-        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
-        connect(
-            f"wss://localhost:{behind_nginx.https_port}/ws",
-            ssl=unverified_tls(),
-            open_timeout=5,
-            origin="https://evil.example",
-        ),
-    ):
-        pass
-    assert refused.value.response.status_code == 403
+    url = f"wss://localhost:{behind_nginx.https_port}/ws"
+    assert refused_handshake(url, ssl=unverified_tls(), origin="https://evil.example") == 403
 
 
 def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_process):
@@ -3062,11 +3025,15 @@ def test_browser_draws_the_history_in_one_batch_without_reading_layout_per_messa
         context.close()
 
 
+AT_BOTTOM = (
+    "() => { const log = document.getElementById('log'); "
+    "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }"
+)
+
+
 def at_bottom(page):
-    return page.evaluate(
-        "() => { const log = document.getElementById('log'); "
-        "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }"
-    )
+    """The message log is scrolled to its end."""
+    return page.evaluate(AT_BOTTOM)
 
 
 def test_browser_on_a_phone_stays_at_the_bottom_and_shows_own_messages(server, open_page):
@@ -3082,10 +3049,7 @@ def test_browser_on_a_phone_stays_at_the_bottom_and_shows_own_messages(server, o
     expect(texts(page).last).to_be_in_viewport()
     say(page, "x" * 2001)  # the error line appears and the log gets shorter
     expect(page.locator("#chat-error")).to_be_visible()
-    page.wait_for_function(
-        "() => { const log = document.getElementById('log'); "
-        "return log.scrollHeight - log.scrollTop - log.clientHeight < 2; }"
-    )
+    page.wait_for_function(AT_BOTTOM)
 
 
 def test_browser_shows_a_new_messages_button_when_scrolled_up(server, open_page):
@@ -3275,10 +3239,7 @@ def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(s
         context.route_web_socket("**/ws?*", lambda ws: sockets.append(ws))
 
     page = open_page(server.port, "alice", prepare=prepare, online=False)
-    for _ in range(100):  # Playwright calls the route while the test waits on the page
-        if sockets:
-            break
-        page.wait_for_timeout(50)
+    wait_in_page(page, lambda: sockets, timeout=5)  # Playwright calls the route meanwhile
     ws = sockets[0]
     assert ws.url.startswith(f"ws://127.0.0.1:{server.port}/ws?")
 
@@ -3368,12 +3329,6 @@ def test_browser_keeps_the_text_marked_not_sent_while_the_server_is_away(chat_pr
     say(page, "typed while away")
     expect(page.locator("#outbox .message")).to_contain_text("typed while away")
     expect(page.locator("#outbox .state")).to_contain_text("Not sent yet")
-
-
-AT_BOTTOM = (
-    "() => { const box = document.getElementById('log'); "
-    "return box.scrollHeight - box.scrollTop - box.clientHeight < 2; }"
-)
 
 
 def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open_page):
