@@ -4,7 +4,7 @@
 
 Two servers share this process. The asyncio event loop runs the websocket server in
 one thread and owns the room: the history, the id counter and the connections. hug's
-HTTP routes run in waitress's worker threads; they never touch the room themselves,
+HTTP routes run in waitress's worker threads; they never change the room themselves:
 they hand their work to the event loop and wait for the answer. One owner means one
 order: every client sees the same messages, in the same order, as GET /messages.
 
@@ -12,7 +12,7 @@ Read it top to bottom: configuration, the room, the websocket handlers, the HTTP
 routes, who may talk to the chat, start-up and shutdown, main(). Each section puts its
 main path first; the guards against hostile or unlucky clients, and the workarounds for
 the libraries, come after it under a heading that says "skip on a first reading".
-The contract is in the README.
+The README teaches it step by step and documents the protocol as built.
 """
 
 import argparse
@@ -84,7 +84,8 @@ ROOM_PATHS = ("/", "/chat", "/ws")  # the room's websocket paths; /ws is the one
 PING_INTERVAL, PING_TIMEOUT = 20, 20  # seconds; a client that misses a pong is dropped
 OPEN_TIMEOUT = 5  # seconds a websocket handshake may take, from the TCP connection on
 CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown must take < 5
-HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop
+HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop to start its work
+LATE_START = 1  # seconds more it waits for work that started just in time
 LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
 
 # Headroom (see "Limits with headroom" under start-up)
@@ -109,7 +110,8 @@ class Room:
     pieces of a long history, and looks at the room afresh after each (see there).
 
     post(), fetch(), health() and close() are `async def` although they await nothing
-    here: the Redis room (redis_room.py) has the same methods, and there they await Redis.
+    here: the Redis room (redis_room.py) has the same methods, and there post(), health()
+    and close() await Redis.
     Callers write `await room.post(...)` and work with either room.
     """
 
@@ -122,9 +124,8 @@ class Room:
         self.last_id = 0
         self.guests = 0
         self.clients = {}  # connection -> name
-        self.online = (
-            collections.Counter()
-        )  # name -> connections, as presence frames told it so far
+        # name -> connections, as the presence frames sent so far told it
+        self.online = collections.Counter()
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
@@ -208,7 +209,8 @@ class Room:
         self.presence_changed(renamed={"from": old, "to": name})
 
     def presence_changed(self, **change):
-        """Send presence now, or with the next changes if a frame went out less than 0.25 s ago.
+        """Send presence on the loop's next turn, or with the next changes if a frame went out
+        less than PRESENCE_EVERY ago.
 
         Each frame goes to everyone: a frame per join would cost the square of the room's
         size, and filling a room of 1000 would take seconds.
@@ -664,10 +666,19 @@ def ask_room(coroutine):
     return ask_loop(room.loop, coroutine)
 
 
-def ask_loop(loop, coroutine, timeout=HTTP_WAIT):
+def ask_loop(loop, coroutine, timeout=None):
     """The one bridge from another thread into the event loop's thread: hand it a coroutine,
-    wait for the answer (asyncio's thread-safe call; nothing else crosses)."""
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=timeout)
+    wait for the answer (asyncio's thread-safe call; nothing else crosses).
+
+    A loop too busy to start it within HTTP_WAIT gives RoomUnavailable (a 503); see
+    unless_too_late() for why it then never starts.
+    """
+    deadline = time.monotonic() + (timeout or HTTP_WAIT)
+    answer = asyncio.run_coroutine_threadsafe(unless_too_late(coroutine, deadline), loop)
+    try:
+        return answer.result(timeout=deadline - time.monotonic() + LATE_START)
+    except TimeoutError:
+        raise RoomUnavailable("the chat is too busy to answer: try again soon") from None
 
 
 @hug.get(["/messages", "/get_messages"], api=api)
@@ -709,9 +720,6 @@ def add_http_message(request, response, name, text, ref):
         response.status = hug.HTTP_429
         response.set_header("Retry-After", "1")
         return {"errors": {"text": str(error)}}
-    except RoomUnavailable as error:
-        response.status = hug.HTTP_503
-        return {"errors": {"room": str(error)}}
 
 
 async def post_in_room(address, name, text, ref):
@@ -777,6 +785,23 @@ def inline_hashes(html, tag):
     return " ".join(f"'sha256-{digest}'" for digest in digests)
 
 
+# When the loop is too busy to answer (skip on a first reading) ............................
+
+
+async def unless_too_late(coroutine, deadline):
+    """Run `coroutine` only if the thread that asked for it still waits for the answer.
+
+    Cancelling the future of run_coroutine_threadsafe() does not stop a coroutine that the
+    loop starts in the same turn: a post whose client was told "503" would be stored a
+    moment later, and stored twice when the client tries again. So the coroutine checks the
+    time itself, first thing; one that started in time is waited for LATE_START longer.
+    """
+    if time.monotonic() > deadline:
+        coroutine.close()  # never started, and never will be
+        raise RoomUnavailable("the chat was too busy to answer in time: try again soon")
+    return await coroutine
+
+
 # --- Who may talk to the chat: one policy for HTTP and websockets ---------------------
 
 
@@ -802,9 +827,8 @@ class Policy:
 
     def __init__(self, http_port=8000, allowed_hosts=(), public_url=None):
         self.http_port = http_port
-        self.public_url = (
-            public_url  # e.g. https://chat.example.org, the page's origin behind a proxy
-        )
+        # e.g. https://chat.example.org: the page's origin behind a proxy
+        self.public_url = public_url
         self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
         if public_url:
             self.names.add(urllib.parse.urlsplit(public_url).hostname)
@@ -864,9 +888,14 @@ def refuse(response, status, errors):
 def host_name(host):
     """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
 
-    ValueError when it is no host name at all ("[" without "]").
+    ValueError when the header holds no host name ("[" without "]", ":8000", "@").
     """
-    return (urllib.parse.urlsplit(f"//{host or ''}").hostname or "").rstrip(".") or None
+    if not host:
+        return None
+    name = (urllib.parse.urlsplit(f"//{host}").hostname or "").rstrip(".")
+    if not name:
+        raise ValueError(f"no host name in {host!r}")
+    return name
 
 
 def url_host(name):
@@ -957,6 +986,13 @@ def refuse_unreadable_bodies(request, response):
         response.complete = True  # falcon: answer now, skip the route
 
 
+@hug.exception(RoomUnavailable, api=api)
+def room_unavailable(exception, response):
+    """Redis is away, or the loop did not answer in time: 503, on every route."""
+    response.status = hug.HTTP_503
+    return {"errors": {"room": str(exception)}}
+
+
 @hug.exception(BadInput, api=api)
 def bad_body(exception, response):
     """Without this a body hug cannot read is a 500 with a traceback."""
@@ -1005,12 +1041,9 @@ class Servers:
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:
-            self.http_server = self.bind_http(
-                host, port, behind_proxy=bool(public_url)
-            )  # serves from run()
-            self.port = int(
-                self.http_server.effective_port
-            )  # a string in waitress; real also for --port 0
+            # Bound now, serving from run(); its port is a string in waitress, and real for 0.
+            self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))
+            self.port = int(self.http_server.effective_port)
             global policy
             policy = Policy(self.port, allowed_hosts, public_url)
             starting = self.start_websockets(host, ws_port, history, redis_url)
@@ -1081,15 +1114,18 @@ class Servers:
 
         Also after a failed start: each step runs only if its server got that far.
         """
-        if hasattr(self, "http_server"):
-            stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
-        if hasattr(self, "ws_server"):
-            self.ws_server.close()
-            ask_loop(self.loop, self.ws_server.wait_closed())
-            ask_loop(self.loop, self.room.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.loop_thread.join(5)
-        self.loop.close()
+        try:
+            if hasattr(self, "http_server"):
+                stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
+            if hasattr(self, "ws_server"):
+                self.ws_server.close()
+                ask_loop(self.loop, self.ws_server.wait_closed())
+                ask_loop(self.loop, self.room.close())
+        finally:  # whatever failed above, the loop's thread must end, or the process cannot
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop_thread.join(5)
+            if not self.loop_thread.is_alive():
+                self.loop.close()
 
 
 # Limits with headroom, and waitress's shutdown (skip on a first reading) ..................
@@ -1177,9 +1213,8 @@ def log_repeated_errors_once():
 
 def main(argv=None):
     args = parse_args(argv)
-    stop = (
-        threading.Event()
-    )  # set by the first Ctrl+C or SIGTERM, even one that comes during start-up
+    # Set by the first Ctrl+C or SIGTERM, even one that comes during start-up.
+    stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -1211,7 +1246,8 @@ def main(argv=None):
     if args.open:
         webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
 
-    stop.wait()
+    while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
+        pass
     servers.stop()
     print("Stopped.", flush=True)
     return 0

@@ -1749,16 +1749,32 @@ def test_a_multipart_form_with_a_boundary_is_read(server):
     assert status == 201 and json.loads(data)["text"] == "from a form"
 
 
-def test_a_handshake_with_a_bad_host_is_a_400_and_logs_nothing(server, caplog):
+@pytest.mark.parametrize("host", ["[", ":8000", "@"])
+def test_a_host_header_with_no_host_name_is_a_400_and_logs_nothing(server, caplog, host):
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as sock:
             key = base64.b64encode(os.urandom(16)).decode()
             sock.sendall(
-                f"GET / HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
             )
             assert sock.recv(1024).startswith(b"HTTP/1.1 400")
+    status, _, body = request(
+        server.port, "POST", "/messages", {"text": "hi"}, headers={"Host": host}
+    )
+    assert status == 400 and "not a host name" in json.loads(body)["errors"]["host"]
+    assert stored_texts(server.port) == []
     assert [r for r in caplog.records if r.levelno >= 30] == []
+
+
+def test_a_post_the_busy_loop_cannot_answer_in_time_is_a_503_and_never_stored(server, monkeypatch):
+    monkeypatch.setattr(chat, "HTTP_WAIT", 0.2)  # 5 s in real life; the mechanism is the same
+    server.loop.call_soon_threadsafe(time.sleep, 1)  # the loop is busy for a second
+    status, _, body = request(server.port, "POST", "/messages", {"text": "too late"})
+    assert status == 503 and "too busy" in json.loads(body)["errors"]["room"]
+    monkeypatch.setattr(chat, "HTTP_WAIT", 5)
+    wait_for_health(server.port, messages=0)  # the loop is back, and did not store it after all
+    assert stored_texts(server.port) == []
 
 
 def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
