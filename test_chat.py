@@ -2249,6 +2249,27 @@ def test_browser_recovers_when_the_server_restarts_on_the_same_ports(chat_proces
     expect(texts(page)).to_have_text(["old 1", "old 2", "old 3", "new 1", "new 2"])
 
 
+def test_browser_after_a_restart_loads_older_messages_of_the_new_room_only(chat_process, open_page):
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports)
+    first.urls()
+    for n in range(60):  # more than the 50 a page gets on load: older ones can be loaded
+        post(first.port, "/messages", {"text": f"old {n + 1}"}, source=f"127.0.0.{2 + n // 20}")
+    page = open_page(first.port, "alice")
+    older = page.get_by_role("button", name="Load older messages")
+    expect(older).to_be_visible()  # ids 11 to 60 are shown; 1 to 10 can be loaded
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+
+    second = chat_process(*ports)
+    second.urls()
+    post(second.port, "/messages", {"text": "new 1"})
+    expect(texts(page).last).to_have_text("new 1")
+    expect(older).to_be_hidden()  # the new room's first message, id 1, is shown: nothing older
+
+
 def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
     sys.path.insert(0, str(Path(__file__).with_name("docs")))
     from screenshot import make_screenshot
