@@ -168,12 +168,21 @@ class Room:
         send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
 
     async def join(self, connection, name, since):
-        """Send the history, then count the connection in: no message can fall in between.
+        """Send the history, then count the connection in: no message can fall in between."""
+        last_piece = await self.send_all_but_the_last_piece(connection, name, since)
+        # broadcast() writes the last piece without awaiting, unlike `await send()`: so no
+        # message can be delivered between it and the next line, which counts this client in.
+        broadcast([connection], self.history_frame(name, last_piece, more=False))
+        self.clients[connection] = name
+        self.presence_changed(joined=name)
+
+    async def send_all_but_the_last_piece(self, connection, name, since):
+        """Send the history after `since` but its last piece; return that last piece.
 
         A client that resumes may have missed the whole history, 100,000 messages: it gets
         them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
-        (see ChatConnection). Messages posted meanwhile are kept, so a later piece has
-        them. The last piece and joining the room run with no await in between.
+        (see ChatConnection.catching_up()). Messages posted meanwhile are kept, so a later
+        piece has them; the last piece is the one that reaches the newest message.
         """
         with connection.catching_up():
             piece = self.messages_since(since, HISTORY_PIECE)
@@ -181,11 +190,7 @@ class Room:
                 await connection.send_in_time(self.history_frame(name, piece, more=True))
                 await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
                 piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
-        # broadcast() writes the last piece without awaiting, unlike `await send()`: so no
-        # message can be delivered between it and the next line, which counts this client in.
-        broadcast([connection], self.history_frame(name, piece, more=False))
-        self.clients[connection] = name
-        self.presence_changed(joined=name)
+        return piece
 
     def history_frame(self, name, piece, more):
         """One piece of history; `online` is who is in the room as the presence frames sent so
@@ -1158,13 +1163,14 @@ def raise_fd_limit():
     if resource is None:
         return 1024  # what connection_limits() should plan for where it cannot ask
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1024 * 1024  # Linux's usual ceiling (fs.nr_open); an infinite limit is refused
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    except (ValueError, OSError):
-        return soft
+    ceiling = 1024 * 1024 if hard == resource.RLIM_INFINITY else hard  # Linux's fs.nr_open
+    for limit in (ceiling, min(ceiling, 10240)):  # macOS refuses more than OPEN_MAX, 10240
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            return limit
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def connection_limits(fd_limit):
