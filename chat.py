@@ -983,12 +983,9 @@ def refuse_unreadable_bodies(request, response):
     missing: say instead which types the chat reads (415)."""
     content_type = (request.content_type or "").split(";")[0].strip().lower()
     if request.content_length and content_type not in READABLE:
-        response.status = hug.HTTP_415
-        response.content_type = "application/json; charset=utf-8"
-        response.body = json.dumps(
-            {"errors": {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}}
+        refuse(
+            response, hug.HTTP_415, {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}
         )
-        response.complete = True  # falcon: answer now, skip the route
 
 
 @hug.exception(RoomUnavailable, api=api)
