@@ -575,15 +575,10 @@ def check_request(connection, request, max_clients):
     """Refuse unknown paths (404), what the policy refuses (403) and a full room (503)."""
     if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
-    host, origin = request.headers.get("Host"), request.headers.get("Origin")
-    try:
-        refusal = policy.host_refusal(host) or policy.origin_refusal(origin, host)
-    except ValueError:  # "Host: [" is no host name at all
-        return connection.respond(
-            http.HTTPStatus.BAD_REQUEST, "The Host header is not a host name\n"
-        )
+    refusal = policy.refusal(request.headers.get("Host"), request.headers.get("Origin"))
     if refusal:
-        return connection.respond(http.HTTPStatus.FORBIDDEN, refusal + "\n")
+        status, _, reason = refusal
+        return connection.respond(status, reason + "\n")
     if is_full(connection.server, max_clients):
         return connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
@@ -838,6 +833,23 @@ class Policy:
         if public_url:
             self.names.add(urllib.parse.urlsplit(public_url).hostname)
 
+    def refusal(self, host, origin):
+        """Why a request is refused, as (status, the header to blame, why); None if it is served.
+
+        Both servers ask this: HTTP for every request (with the Origin of a write only), the
+        websocket server for every handshake.
+        """
+        try:
+            reason = self.host_refusal(host)
+        except ValueError:  # "Host: [" is no host name at all
+            return http.HTTPStatus.BAD_REQUEST, "host", "the Host header is not a host name"
+        if reason:
+            return http.HTTPStatus.FORBIDDEN, "host", reason
+        reason = self.origin_refusal(origin, host)
+        if reason:
+            return http.HTTPStatus.FORBIDDEN, "origin", reason
+        return None
+
     def host_refusal(self, host):
         """Why a request that names this Host header is refused; None when it is served."""
         name = host_name(host)
@@ -867,16 +879,12 @@ policy = Policy()  # the policy of this process; Servers makes it with the real 
 @hug.request_middleware(api=api)
 def check_http_request(request, response):
     """The policy above, before any route: a foreign Host is refused, and so is a foreign write."""
-    host = request.get_header("Host")
-    try:
-        errors = {"host": policy.host_refusal(host)}
-    except ValueError:  # "Host: [" is no host name at all
-        return refuse(response, hug.HTTP_400, {"host": "the Host header is not a host name"})
-    if request.method not in ("GET", "HEAD"):  # a write
-        errors["origin"] = policy.origin_refusal(request.get_header("Origin"), host)
-    errors = {field: error for field, error in errors.items() if error}
-    if errors:
-        refuse(response, hug.HTTP_403, errors)
+    is_write = request.method not in ("GET", "HEAD")
+    origin = request.get_header("Origin") if is_write else None
+    refusal = policy.refusal(request.get_header("Host"), origin)
+    if refusal:
+        status, header, reason = refusal
+        refuse(response, f"{status.value} {status.phrase}", {header: reason})  # "403 Forbidden"
 
 
 def refuse(response, status, errors):
