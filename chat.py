@@ -1109,7 +1109,7 @@ class Servers:
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
             close_timeout=CLOSE_TIMEOUT,
-            compression=None,  # chat messages are small; see "Performance" in the README
+            compression=None,  # chat messages are small; see docs/performance.md
         )
         loop, real_ws_port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
         try:

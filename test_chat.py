@@ -1,4 +1,4 @@
-"""The contract (README "Protocol"), checked against real servers and real clients.
+"""The contract (docs/protocol.md), checked against real servers and real clients.
 
 Most tests start the servers in this process on free ports (fast); the command line,
 signals and exit codes are tested on `python chat.py` run as a subprocess.
