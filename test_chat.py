@@ -2121,34 +2121,6 @@ def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(ser
     expect(bob.locator("#chat-box .message.own p")).to_have_text(["four"])
 
 
-def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
-    from playwright.sync_api import expect
-
-    page = open_page(server.port, "mallory")
-    attacks = [
-        '<img src=x onerror="window.pwned=1">',
-        "<script>window.pwned=1</script>",
-        "<b>bold</b>",
-    ]
-    for attack in attacks:
-        say(page, attack)
-    # stored before the HTTP post, which could overtake them
-    expect(texts(page)).to_have_text(attacks)
-    post(
-        server.port,
-        "/messages",
-        {"name": "<i onmouseover=alert(1)>x</i>", "text": "<svg onload=alert(1)>"},
-    )
-    expect(texts(page)).to_have_text(attacks + ["<svg onload=alert(1)>"])
-    assert (
-        page.locator(
-            "#chat-box img, #chat-box script, #chat-box b, #chat-box svg, #chat-box i"
-        ).count()
-        == 0
-    )
-    assert page.evaluate("window.pwned") is None
-
-
 def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
     from playwright.sync_api import expect
 
@@ -3018,21 +2990,6 @@ def test_browser_own_messages_are_known_by_ref_not_by_name(server, open_page):
     expect(first.locator("#chat-box .message.own p")).to_have_text(["from the first sam"])
 
 
-def test_browser_keeps_a_bounded_number_of_messages_and_loads_older_ones(server, open_page):
-    from playwright.sync_api import expect
-
-    page = open_page(server.port)
-    older = page.get_by_role("button", name="Load older messages")
-    expect(older).to_be_hidden()  # nothing older than nothing
-    seed(700)
-    expect(texts(page).last).to_have_text("m700")
-    shown = texts(page).count()
-    assert shown <= 300
-    older.click()
-    expect(texts(page)).to_have_count(shown + 100)
-    assert texts(page).first.text_content() == f"m{700 - shown - 99}"
-
-
 def layout_reads_script():
     """Counts the page's reads of layout (each can force the browser to lay the page out)."""
     return """
@@ -3135,49 +3092,16 @@ def test_browser_counts_unread_messages_in_the_title_while_hidden(server, open_p
     expect(page).to_have_title("chat")
 
 
-def test_browser_enter_sends_shift_enter_adds_a_line_and_pasted_lines_are_kept(server, open_page):
+def test_browser_pasted_lines_are_kept(server, open_page):
+    """(Enter and Shift+Enter: in every engine, below. Pasting is Playwright's insert_text.)"""
     from playwright.sync_api import expect
 
     page = open_page(server.port)
-    page.locator("#message-input").type("first line")
-    page.keyboard.press("Shift+Enter")
-    page.keyboard.type("second line")
-    page.keyboard.press("Enter")
-    expect(texts(page)).to_have_text(["first line\nsecond line"])
     page.locator("#message-input").focus()
     page.keyboard.insert_text("pasted 1\npasted 2\npasted 3")
     page.keyboard.press("Enter")
-    expect(texts(page)).to_have_text(["first line\nsecond line", "pasted 1\npasted 2\npasted 3"])
-    assert stored_texts(server.port)[-1] == "pasted 1\npasted 2\npasted 3"
-
-
-def test_browser_makes_http_addresses_links_and_nothing_else(server, open_page):
-    from playwright.sync_api import expect
-
-    page = open_page(server.port)
-    post(
-        server.port,
-        "/messages",
-        {"text": "see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"},
-    )
-    expect(texts(page)).to_have_text(
-        ["see https://example.org/a?b=1. or javascript:alert(1) or <a href=x>x</a>"]
-    )
-    links = page.locator("#chat-box a")
-    expect(links).to_have_count(1)
-    expect(links).to_have_attribute("href", "https://example.org/a?b=1")
-    expect(links).to_have_attribute("rel", "noopener noreferrer nofollow ugc")
-
-
-def test_browser_long_names_wrap_on_a_phone(server, open_page):
-    from playwright.sync_api import expect
-
-    page = open_page(server.port, "W" * 32, **PHONE)
-    say(page, "hello")
-    expect(texts(page)).to_have_text(["hello"])
-    name = page.locator("#chat-box .message strong")
-    assert name.bounding_box()["x"] + name.bounding_box()["width"] <= 375
-    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    expect(texts(page)).to_have_text(["pasted 1\npasted 2\npasted 3"])
+    assert stored_texts(server.port) == ["pasted 1\npasted 2\npasted 3"]
 
 
 def test_browser_online_list_on_a_phone_is_a_count_that_opens_on_tap(server, open_page):
@@ -3207,29 +3131,16 @@ def run_axe(page):
     return [(v["id"], v["impact"], [node["target"] for node in v["nodes"]]) for v in violations]
 
 
-@pytest.mark.parametrize("state", ["empty room", "busy room", "error", "dark scheme", "phone"])
-def test_browser_page_has_no_accessibility_violations(server, open_page, state):
+def test_browser_page_in_the_dark_scheme_has_no_accessibility_violations(server, open_page):
+    """Chromium only: Playwright emulates the dark scheme. The other states, in every engine:
+    test_every_engine_page_has_no_accessibility_violations."""
     from playwright.sync_api import expect
 
-    options = {"dark scheme": {"color_scheme": "dark"}, "phone": PHONE}.get(state, {})
-    if state != "empty room":
-        seed(50)
-    page = open_page(server.port, "alice", **options)
-    if state != "empty room":
-        expect(texts(page)).to_have_count(50)
-        say(page, "mine, see https://example.org")
-        expect(texts(page).last).to_have_text("mine, see https://example.org")
-    if state == "error":
-        page.evaluate("""() => {  // one refused message, and a text too long
-            const form = document.getElementById("chat-form");
-            for (let n = 0; n < 25; n++) {
-                document.getElementById("message-input").value = "burst " + n;
-                form.requestSubmit();
-            }
-        }""")
-        expect(page.locator("#outbox .message.failed").first).to_be_visible()
-        say(page, "x" * 2001)
-        expect(page.locator("#chat-error")).to_be_visible()
+    seed(50)
+    page = open_page(server.port, "alice", color_scheme="dark")
+    expect(texts(page)).to_have_count(50)
+    say(page, "mine, see https://example.org")
+    expect(texts(page).last).to_have_text("mine, see https://example.org")
     assert run_axe(page) == []
 
 
@@ -3354,20 +3265,6 @@ def test_browser_rename_reaches_the_room_and_is_remembered_after_a_reload(server
     with joined(server, name="watcher") as (watcher, _):
         say(page, "back again")
         assert receive(watcher, "message")["name"] == "alicia"
-
-
-def test_browser_keeps_the_text_marked_not_sent_while_the_server_is_away(chat_process, open_page):
-    from playwright.sync_api import expect
-
-    process = chat_process("--port", "0", "--ws-port", "0")
-    process.urls()
-    page = open_page(process.port, "alice")
-    process.process.send_signal(signal.SIGTERM)
-    assert process.process.wait(5) == 0
-    expect(page.locator("#status")).not_to_have_text("online")
-    say(page, "typed while away")
-    expect(page.locator("#outbox .message")).to_contain_text("typed while away")
-    expect(page.locator("#outbox .state")).to_contain_text("Not sent yet")
 
 
 def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open_page):
