@@ -3598,6 +3598,18 @@ def test_every_engine_page_has_no_accessibility_violations(server, open_tab, sta
     assert axe_violations(tab) == []
 
 
+def test_every_engine_screenshot_script_makes_a_desktop_and_a_phone_picture(engine, tmp_path):
+    sys.path.insert(0, str(Path(__file__).with_name("docs")))
+    from screenshot import make_engine_screenshots
+
+    made = make_engine_screenshots(engine, tmp_path)
+    assert [path.name for path in made] == [
+        f"screenshot-{engine.name}-desktop.png",
+        f"screenshot-{engine.name}-phone.png",
+    ]
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in made)
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,

@@ -1,8 +1,11 @@
-"""Makes docs/screenshot.png: two people chatting, from the real page in headless Chromium.
+"""Makes docs/screenshot.png: two people chatting, from the real page in headless Chromium;
+and the same in each engine at desktop and phone size: docs/screenshot-ENGINE-SIZE.png.
 
-    python docs/screenshot.py [OUTPUT.png]
+    python docs/screenshot.py [OUTPUT.png]     # screenshot.png only
+    python docs/screenshot.py --engines        # and each engine's (those that are here)
 
-Needs what the tests need (requirements-test.txt) and Debian's chromium.
+Needs what the tests need (requirements-test.txt) and Debian's chromium; for the engines,
+firefox-esr, webkit2gtk-driver and xvfb too (see docs/development.md).
 """
 
 import sys
@@ -12,6 +15,7 @@ from playwright.sync_api import expect, sync_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py and test_chat.py
 import chat
+import engines
 from test_chat import CHROMIUM, CHROMIUM_FLAGS
 
 CONVERSATION = [
@@ -45,11 +49,61 @@ def make_screenshot(browser, output):
         servers.stop()
 
 
+SIZES = {"desktop": (900, 520), "phone": (375, 667)}
+ONLINE = "() => document.getElementById('status').textContent === 'online'"
+SAY = """(text) => {
+    const box = document.getElementById("message-input");
+    box.focus();
+    box.value = text;
+    box.dispatchEvent(new Event("input"));
+}"""
+
+
+def make_engine_screenshots(engine, directory):
+    """The conversation in `engine`, as alice sees it, at each of SIZES; returns the files."""
+    servers = chat.Servers("127.0.0.1", 0, 0)
+    tabs, made = {}, []
+    try:
+        for name in ("bob", "alice"):
+            tabs[name] = engine.new_tab(name=name)
+            tabs[name].goto(f"http://127.0.0.1:{servers.port}/")
+            tabs[name].wait_for(ONLINE)
+        for name, text in CONVERSATION:
+            tabs[name].evaluate(SAY, text)
+            tabs[name].press("Enter")
+            tabs["alice"].wait_for(
+                "(text) => [...document.querySelectorAll('#chat-box .message p')]"
+                ".some((p) => p.textContent === text)",
+                text,
+            )
+        tabs["alice"].evaluate(SAY, "Shall we try --host 0.0.0.0 for the whole room?")
+        for size, (width, height) in SIZES.items():
+            tabs["alice"].set_viewport(width, height)
+            tabs["alice"].evaluate("() => new Promise(requestAnimationFrame)")  # laid out
+            made.append(Path(directory, f"screenshot-{engine.name}-{size}.png"))
+            tabs["alice"].screenshot(made[-1])
+        return made
+    finally:
+        for tab in tabs.values():
+            tab.close()
+        servers.stop()
+
+
 if __name__ == "__main__":
+    here = Path(__file__).parent
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        make_screenshot(
-            chromium,
-            sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("screenshot.png"),
-        )
+        output = [arg for arg in sys.argv[1:] if arg != "--engines"]
+        make_screenshot(chromium, output[0] if output else here / "screenshot.png")
+        if "--engines" in sys.argv:
+            for name in engines.ENGINES:
+                if name != "chromium" and (why := engines.missing(name)):
+                    print(f"{name}: skipped: {why}", file=sys.stderr)
+                    continue
+                engine = engines.start(name, chromium)
+                try:
+                    for made in make_engine_screenshots(engine, here):
+                        print(made)
+                finally:
+                    engine.close()
         chromium.close()
