@@ -3356,7 +3356,8 @@ def shows(tab, function, expected, *args, timeout=10):
     """Waits until `function(*args)` in the page gives `expected`; fails showing what it gave."""
     deadline = time.monotonic() + timeout
     while (value := tab.evaluate(function, *args)) != expected:
-        assert time.monotonic() < deadline, f"the page shows {value!r}, not {expected!r}"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page shows {value!r}, not {expected!r}")
         time.sleep(0.05)
 
 
