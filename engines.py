@@ -27,6 +27,7 @@ called with the arguments given after them (strings, numbers, booleans); what th
 
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -53,7 +54,11 @@ ENGINES = ["chromium", *NEEDS]
 def missing(engine):
     """Why `engine` cannot run here (a sentence naming what to install), or None."""
     absent = [package for program, package in NEEDS[engine] if not shutil.which(program)]
-    return f"{engine} needs: apt-get install {' '.join(absent)}" if absent else None
+    if absent:
+        return f"{engine} needs: apt-get install {' '.join(absent)}"
+    if engine == "webkit" and not importlib.util.find_spec("selenium"):
+        return "webkit needs Selenium: python -m pip install -r requirements-test.txt"
+    return None
 
 
 class Tab:
@@ -362,7 +367,9 @@ def to_local(value):
 
 class WebKit:
     """WebKitGTK's MiniBrowser, through WebKitWebDriver and Selenium, on its own Xvfb.
-    One WebDriver session; each tab is a window of it (one stays open: the session's)."""
+    One WebDriver session; each tab is a window of it (one stays open: the session's). Not a
+    tab of one window: a tab behind another is hidden, and a hidden page draws nothing (the
+    page draws in requestAnimationFrame, which browsers pause for hidden pages)."""
 
     name = "webkit"
 

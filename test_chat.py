@@ -10,7 +10,6 @@ import collections
 import concurrent.futures
 import contextlib
 import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -3317,8 +3316,6 @@ def engine(request):
         yield engines.Chromium(request.getfixturevalue("browser"))
         return
     missing = engines.missing(request.param)
-    if not missing and request.param == "webkit" and not importlib.util.find_spec("selenium"):
-        missing = "Selenium is not installed: python -m pip install -r requirements-test.txt"
     if missing:
         if os.environ.get("CI") == "true":
             pytest.fail(f"browser tests must run under CI: {missing}")
@@ -3333,13 +3330,13 @@ def open_tab(engine):
     """Opens the chat in `engine` as a new person; fails the test on any error in the page."""
     tabs = []
 
-    def open_as(port, name=None, viewport=None, online=True):
+    def open_as(port, name, viewport=None):
+        """A returning visitor (`name` kept in localStorage), so the page joins at once."""
         tab = engine.new_tab(name=name, viewport=viewport)
         tabs.append(tab)
         tab.goto(f"http://127.0.0.1:{port}/")
         tab.evaluate(WATCH_PROBLEMS)
-        if online:
-            tab.wait_for(ONLINE, what="the status 'online'")
+        tab.wait_for(ONLINE, what="the status 'online'")
         return tab
 
     yield open_as
@@ -3495,7 +3492,7 @@ def test_every_engine_notices_a_dead_connection_and_sends_what_was_pending_once(
 
 
 def test_every_engine_keeps_a_busy_room_bounded_and_loads_older_messages(server, open_tab):
-    tab = open_tab(server.port)
+    tab = open_tab(server.port, "reader")
     older = "() => !document.getElementById('load-older').hidden"
     assert not tab.evaluate(older)  # nothing older than nothing
     seed(700)
