@@ -18,7 +18,8 @@
 - WebKit: WebKitGTK's `WebKitWebDriver` (Debian's webkit2gtk-driver) opens MiniBrowser on a
   virtual X display (Xvfb); Selenium drives it, given the driver's path (no driver download).
 
-Each tab has its own storage, except in WebKit, where one WebDriver session's tabs share an
+Each tab is a window of its own, so that every page is visible (a hidden page draws nothing),
+and has its own storage, except in WebKit, where one WebDriver session's tabs share an
 origin's localStorage: new_tab(name=...) sets "chat-name" just before the page loads, which is
 when the page reads it. Scripts given to evaluate() and wait_for() are JavaScript functions,
 called with the arguments given after them (strings, numbers, booleans); what they return
@@ -221,7 +222,8 @@ def from_remote(value):
 
 
 class Firefox:
-    """firefox-esr, headless, driven over WebDriver BiDi; each tab in its own user context."""
+    """firefox-esr, headless, driven over WebDriver BiDi; each tab is a window of its own user
+    context (its own storage)."""
 
     name = "firefox"
 
@@ -261,7 +263,8 @@ class Firefox:
 
     def new_tab(self, name=None, viewport=None):
         user_context = self.bidi.send("browser.createUserContext")["userContext"]
-        context = self.bidi.send("browsingContext.create", type="tab", userContext=user_context)
+        # A window, not a tab: a tab behind another is hidden, and draws nothing (see WebKit).
+        context = self.bidi.send("browsingContext.create", type="window", userContext=user_context)
         tab = FirefoxTab(self.bidi, context["context"], user_context)
         if name is not None:
             self.bidi.send(
