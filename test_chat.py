@@ -3290,7 +3290,7 @@ def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open
 # --- The page in every engine: Chromium, Firefox, WebKit ---------------------------------
 # One set of tests of the page's promises, run in each engine (engines.py: Playwright for
 # Chromium, WebDriver BiDi for Firefox, Selenium and WebKitWebDriver for WebKit), each browser
-# started once per run. `-k firefox` runs one engine's alone. The Chromium-only tests above use
+# started once per run. `-k firefox` runs one engine's alone. Many Chromium-only tests above use
 # what only Playwright or Chromium can do: a fake clock, going offline, routes, CDP's metrics.
 
 ONLINE = "() => document.getElementById('status').textContent === 'online'"
