@@ -2058,9 +2058,10 @@ def open_page(browser):
     def open_as(
         port=None, name=None, clock=False, prepare=None, online=True, url=None, **context_options
     ):
-        """The page at http://127.0.0.1:`port`/, or at `url`. `clock`: Playwright's clock, to
-        move the page's timers on; `prepare(context)`: routes to set up before the page loads;
-        `context_options`: a viewport, say."""
+        """The page at http://127.0.0.1:`port`/, or at `url`. `name`: a returning visitor's kept
+        name (the page joins at once); without it, a first-time visitor who takes the suggested
+        name. `clock`: Playwright's clock, to move the page's timers on; `prepare(context)`:
+        routes to set up before the page loads; `context_options`: a viewport, say."""
         context = browser.new_context(**context_options)
         contexts.append(context)
         if clock:
@@ -2084,8 +2085,11 @@ def open_page(browser):
             lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
         )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.touch = context_options.get("has_touch", False)
         page.goto(url or f"http://127.0.0.1:{port}/")
         if online:
+            if not name:
+                page.press("#name-input", "Enter")  # a first-time visitor takes the suggestion
             expect(page.locator("#status")).to_have_text("online")
         return page
 
@@ -2096,12 +2100,16 @@ def open_page(browser):
 
 
 def say(page, text):
+    """Types `text` and sends it: Enter, or on a touch screen the Send button."""
     page.fill("#message-input", text)
-    page.press("#message-input", "Enter")
+    if getattr(page, "touch", False):
+        page.get_by_role("button", name="Send").click()
+    else:
+        page.press("#message-input", "Enter")
 
 
 def texts(page):
-    return page.locator("#chat-box .message p")
+    return page.locator("#chat-box .message .text")
 
 
 def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(server, open_page):
@@ -2115,8 +2123,8 @@ def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(ser
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three", "four"])
         expect(page.locator("#chat-box .message strong")).to_have_text(["alice"] * 3 + ["bob"])
-    expect(alice.locator("#chat-box .message.own p")).to_have_text(["one", "two", "three"])
-    expect(bob.locator("#chat-box .message.own p")).to_have_text(["four"])
+    expect(alice.locator("#chat-box .message.own .text")).to_have_text(["one", "two", "three"])
+    expect(bob.locator("#chat-box .message.own .text")).to_have_text(["four"])
 
 
 def test_browser_renders_markup_as_text_and_runs_nothing(server, open_page):
@@ -2155,7 +2163,7 @@ def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
     alice = open_page(server.port, "alice")
     expect(texts(alice)).to_have_text(["earlier 1", "earlier 2"])
     open_page(server.port, "bob")
-    expect(alice.locator("#online li")).to_have_text(["alice", "bob"])
+    expect(alice.locator("#online li")).to_have_text(["alice (you)", "bob"])
     expect(alice.locator("#chat-box .notice").last).to_have_text("bob joined")
 
 
@@ -3013,7 +3021,7 @@ def test_browser_own_messages_are_known_by_ref_not_by_name(server, open_page):
     first.fill("#name-input", "samuel")
     first.dispatch_event("#name-input", "change")
     expect(first.locator("#chat-box .notice").last).to_have_text("sam is now samuel")
-    expect(first.locator("#chat-box .message.own p")).to_have_text(["from the first sam"])
+    expect(first.locator("#chat-box .message.own .text")).to_have_text(["from the first sam"])
 
 
 def test_browser_keeps_a_bounded_number_of_messages_and_loads_older_ones(server, open_page):
@@ -3052,6 +3060,7 @@ def test_browser_draws_the_history_in_one_batch_without_reading_layout_per_messa
     seed(50)
     context = browser.new_context()
     try:
+        context.add_init_script("localStorage.setItem('chat-name', 'reader')")  # joins at once
         context.add_init_script(layout_reads_script())
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{server.port}/")
@@ -3313,14 +3322,14 @@ def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(s
     )
     expect(page.locator("#status")).to_have_text("online")
     ws.send(json.dumps({"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}))
-    expect(page.locator("#online li")).to_have_text(["alice", "bob", "carol"])
+    expect(page.locator("#online li")).to_have_text(["alice (you)", "bob", "carol"])
     changes = [
         {"left": "bob"},
         {"renamed": {"from": "carol", "to": "caroline"}},
         {"joined": "dave"},
     ]
     ws.send(json.dumps({"type": "presence", "changes": changes}))
-    expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
+    expect(page.locator("#online li")).to_have_text(["alice (you)", "caroline", "dave"])
     expect(page.locator("#online-count")).to_have_text("3 online")
     expect(texts(page)).to_have_text(["m1", "m2", "m3"])
 
