@@ -2280,10 +2280,12 @@ def test_browser_after_a_restart_loads_older_messages_of_the_new_room_only(chat_
 
 def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
     sys.path.insert(0, str(Path(__file__).with_name("docs")))
-    from screenshot import make_screenshot
+    from screenshot import make_screenshot, make_workshop_screenshots
 
     make_screenshot(browser, tmp_path / "shot.png")
-    assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
+    make_workshop_screenshots(browser, tmp_path)
+    for shot in ("shot.png", "screenshot-workshop.png", "screenshot-workshop-phone.png"):
+        assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
 
 
 # --- Who may talk to the chat: the Host allow-list and no cross-site writes -------------
@@ -3735,12 +3737,19 @@ def test_browser_a_reload_keeps_what_was_typed_and_sends_what_was_pending_once(
 def test_browser_offline_shows_a_banner_and_marks_the_online_list_out_of_date(server, open_page):
     from playwright.sync_api import expect
 
+    def form_is_below_the_log():
+        log, form = page.locator("#log").bounding_box(), page.locator("#chat-form").bounding_box()
+        return form["y"] >= log["y"] + log["height"] - 1
+
     page = open_page(server.port, "alice")
     banner = page.locator("#offline")
     expect(banner).to_be_hidden()
+    assert form_is_below_the_log()
     page.context.set_offline(True)
     expect(banner).to_be_visible()
     expect(banner).to_contain_text("Not connected")
+    assert banner.bounding_box()["y"] < page.locator("#log").bounding_box()["y"]
+    assert form_is_below_the_log()
     expect(page.locator("#online-count")).to_have_text("1 online (out of date: not connected)")
     page.context.set_offline(False)
     expect(page.locator("#status")).to_have_text("online")
