@@ -2059,9 +2059,10 @@ def open_page(browser):
     def open_as(
         port=None, name=None, clock=False, prepare=None, online=True, url=None, **context_options
     ):
-        """The page at http://127.0.0.1:`port`/, or at `url`. `clock`: Playwright's clock, to
-        move the page's timers on; `prepare(context)`: routes to set up before the page loads;
-        `context_options`: a viewport, say."""
+        """The page at http://127.0.0.1:`port`/, or at `url`. `name`: a returning visitor's kept
+        name (the page joins at once); without it, a first-time visitor who takes the suggested
+        name. `clock`: Playwright's clock, to move the page's timers on; `prepare(context)`:
+        routes to set up before the page loads; `context_options`: a viewport, say."""
         context = browser.new_context(**context_options)
         contexts.append(context)
         if clock:
@@ -2085,8 +2086,11 @@ def open_page(browser):
             lambda msg: "Content Security Policy" in msg.text and problems.append(msg.text),
         )
         page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.touch = context_options.get("has_touch", False)
         page.goto(url or f"http://127.0.0.1:{port}/")
         if online:
+            if not name:
+                page.press("#name-input", "Enter")  # a first-time visitor takes the suggestion
             expect(page.locator("#status")).to_have_text("online")
         return page
 
@@ -2097,12 +2101,16 @@ def open_page(browser):
 
 
 def say(page, text):
+    """Types `text` and sends it: Enter, or on a touch screen the Send button."""
     page.fill("#message-input", text)
-    page.press("#message-input", "Enter")
+    if getattr(page, "touch", False):
+        page.get_by_role("button", name="Send").click()
+    else:
+        page.press("#message-input", "Enter")
 
 
 def texts(page):
-    return page.locator("#chat-box .message p")
+    return page.locator("#chat-box .message .text")
 
 
 def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(server, open_page):
@@ -2116,8 +2124,8 @@ def test_browser_message_typed_in_one_page_shows_in_both_in_order_with_names(ser
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three", "four"])
         expect(page.locator("#chat-box .message strong")).to_have_text(["alice"] * 3 + ["bob"])
-    expect(alice.locator("#chat-box .message.own p")).to_have_text(["one", "two", "three"])
-    expect(bob.locator("#chat-box .message.own p")).to_have_text(["four"])
+    expect(alice.locator("#chat-box .message.own .text")).to_have_text(["one", "two", "three"])
+    expect(bob.locator("#chat-box .message.own .text")).to_have_text(["four"])
 
 
 def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
@@ -2128,7 +2136,7 @@ def test_browser_shows_history_on_load_and_who_is_online(server, open_page):
     alice = open_page(server.port, "alice")
     expect(texts(alice)).to_have_text(["earlier 1", "earlier 2"])
     open_page(server.port, "bob")
-    expect(alice.locator("#online li")).to_have_text(["alice", "bob"])
+    expect(alice.locator("#online li")).to_have_text(["alice (you)", "bob"])
     expect(alice.locator("#chat-box .notice").last).to_have_text("bob joined")
 
 
@@ -2245,10 +2253,12 @@ def test_browser_after_a_restart_loads_older_messages_of_the_new_room_only(chat_
 
 def test_screenshot_script_still_makes_a_picture(browser, tmp_path):
     sys.path.insert(0, str(Path(__file__).with_name("docs")))
-    from screenshot import make_screenshot
+    from screenshot import make_screenshot, make_workshop_screenshots
 
     make_screenshot(browser, tmp_path / "shot.png")
-    assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
+    make_workshop_screenshots(browser, tmp_path)
+    for shot in ("shot.png", "screenshot-workshop.png", "screenshot-workshop-phone.png"):
+        assert (tmp_path / shot).read_bytes().startswith(b"\x89PNG")
 
 
 # --- Who may talk to the chat: the Host allow-list and no cross-site writes -------------
@@ -2986,7 +2996,7 @@ def test_browser_own_messages_are_known_by_ref_not_by_name(server, open_page):
     first.fill("#name-input", "samuel")
     first.dispatch_event("#name-input", "change")
     expect(first.locator("#chat-box .notice").last).to_have_text("sam is now samuel")
-    expect(first.locator("#chat-box .message.own p")).to_have_text(["from the first sam"])
+    expect(first.locator("#chat-box .message.own .text")).to_have_text(["from the first sam"])
 
 
 def layout_reads_script():
@@ -3010,6 +3020,7 @@ def test_browser_draws_the_history_in_one_batch_without_reading_layout_per_messa
     seed(50)
     context = browser.new_context()
     try:
+        context.add_init_script("localStorage.setItem('chat-name', 'reader')")  # joins at once
         context.add_init_script(layout_reads_script())
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{server.port}/")
@@ -3130,16 +3141,43 @@ def run_axe(page):
     return [(v["id"], v["impact"], [node["target"] for node in v["nodes"]]) for v in violations]
 
 
-def test_browser_page_in_the_dark_scheme_has_no_accessibility_violations(server, open_page):
-    """Chromium only: Playwright emulates the dark scheme. The other states, in every engine:
+WORKSHOP_STATES = [
+    "code and a right-to-left name",
+    "code on a dark phone",
+    "offline",
+    "first visit",
+]
+
+
+@pytest.mark.parametrize("state", ["dark scheme", *WORKSHOP_STATES])
+def test_browser_page_has_no_accessibility_violations(server, open_page, state):
+    """Chromium only: Playwright emulates the dark scheme, a phone and going offline. The
+    empty room, a busy room, an error and the phone, in every engine:
     test_every_engine_page_has_no_accessibility_violations."""
     from playwright.sync_api import expect
 
-    seed(50)
-    page = open_page(server.port, "alice", color_scheme="dark")
-    expect(texts(page)).to_have_count(50)
-    say(page, "mine, see https://example.org")
-    expect(texts(page).last).to_have_text("mine, see https://example.org")
+    options = {
+        "dark scheme": {"color_scheme": "dark"},
+        "code on a dark phone": {**PHONE, "color_scheme": "dark"},
+    }.get(state, {})
+    if state == "first visit":
+        page = open_page(server.port, online=False)
+        expect(page.get_by_role("button", name="Join")).to_be_visible()
+        assert run_axe(page) == []
+        return
+    if state == "dark scheme":
+        seed(50)
+    page = open_page(server.port, "alice", **options)
+    if state.startswith("code"):
+        post(server.port, "/messages", {"name": RTL_NAME, "text": CODE_MESSAGE + "\n" + RTL_TEXT})
+        expect(page.locator("#chat-box pre")).to_be_visible()
+    if state == "offline":
+        page.context.set_offline(True)
+        expect(page.locator("#offline")).to_be_visible()
+    if state == "dark scheme":
+        expect(texts(page)).to_have_count(50)
+        say(page, "mine, see https://example.org")
+        expect(texts(page).last).to_have_text("mine, see https://example.org")
     assert run_axe(page) == []
 
 
@@ -3225,14 +3263,14 @@ def test_browser_takes_history_in_pieces_and_presence_changes_from_the_ws_path(s
     )
     expect(page.locator("#status")).to_have_text("online")
     ws.send(json.dumps({"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}))
-    expect(page.locator("#online li")).to_have_text(["alice", "bob", "carol"])
+    expect(page.locator("#online li")).to_have_text(["alice (you)", "bob", "carol"])
     changes = [
         {"left": "bob"},
         {"renamed": {"from": "carol", "to": "caroline"}},
         {"joined": "dave"},
     ]
     ws.send(json.dumps({"type": "presence", "changes": changes}))
-    expect(page.locator("#online li")).to_have_text(["alice", "caroline", "dave"])
+    expect(page.locator("#online li")).to_have_text(["alice (you)", "caroline", "dave"])
     expect(page.locator("#online-count")).to_have_text("3 online")
     expect(texts(page)).to_have_text(["m1", "m2", "m3"])
 
@@ -3294,9 +3332,9 @@ def test_browser_follows_new_messages_unless_the_reader_scrolled_up(server, open
 # what only Playwright or Chromium can do: a fake clock, going offline, routes, CDP's metrics.
 
 ONLINE = "() => document.getElementById('status').textContent === 'online'"
-TEXTS = "() => [...document.querySelectorAll('#chat-box .message p')].map((p) => p.textContent)"
+TEXTS = "() => [...document.querySelectorAll('#chat-box .message .text')].map((t) => t.textContent)"
 OWN_TEXTS = (
-    "() => [...document.querySelectorAll('#chat-box .message.own p')].map((p) => p.textContent)"
+    "() => [...document.querySelectorAll('#chat-box .message.own .text')].map((t) => t.textContent)"
 )
 OUTBOX = "() => [...document.querySelectorAll('#outbox .message')].map((m) => m.textContent)"
 # Anything that goes wrong in the page without a word: an exception, a refused script or style.
@@ -3606,6 +3644,401 @@ def test_every_engine_screenshot_script_makes_a_desktop_and_a_phone_picture(engi
         f"screenshot-{engine.name}-phone.png",
     ]
     assert all(path.read_bytes().startswith(b"\x89PNG") for path in made)
+
+
+# --- The page for a programming workshop (issue 23) ------------------------------------
+
+CODE_MESSAGE = (
+    "run `python chat.py --open` first, then:\n"
+    "```python\n"
+    "def greet(name):\n"
+    "    return f'<b>{name}</b>'  # see https://example.org/in-code\n"
+    "```\n"
+    "docs at https://example.org/docs"
+)
+CODE_BLOCK = "def greet(name):\n    return f'<b>{name}</b>'  # see https://example.org/in-code"
+RTL_NAME = "أحمد"  # Ahmad
+RTL_TEXT = "مرحبا بالجميع"  # hello everyone
+
+
+def test_browser_shows_fenced_code_as_a_block_and_backticks_as_inline_code(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    post(server.port, "/messages", {"name": "presenter", "text": CODE_MESSAGE})
+    text = texts(page).last
+    expect(text.locator("pre code")).to_have_text(CODE_BLOCK)  # indentation kept, no fences
+    inline = page.locator("#chat-box .message .text > code")
+    expect(inline).to_have_text("python chat.py --open")
+    assert "```" not in text.text_content() and "`" not in text.text_content()
+    for code in (text.locator("pre"), inline):
+        assert "monospace" in code.evaluate("e => getComputedStyle(e).fontFamily")
+    assert text.locator("pre").evaluate("e => getComputedStyle(e).whiteSpace") == "pre"
+    expect(text.locator("b, script, img")).to_have_count(0)  # code stays text
+    expect(text.locator("code a")).to_have_count(0)  # an address inside code is not a link
+    expect(text.locator("a")).to_have_attribute("href", "https://example.org/docs")
+
+
+def test_browser_text_without_a_closing_fence_stays_as_typed(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    post(server.port, "/messages", {"text": "``` not closed, and ``"})
+    expect(texts(page)).to_have_text(["``` not closed, and ``"])
+    expect(texts(page).locator("code")).to_have_count(0)
+
+
+def test_browser_a_code_block_scrolls_sideways_on_a_phone_and_the_page_does_not(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", **PHONE)
+    long_line = "    " + "x = 1; " * 40
+    post(server.port, "/messages", {"text": f"```\n{long_line}\n```"})
+    pre = texts(page).last.locator("pre")
+    expect(pre).to_have_text(long_line)
+    assert pre.evaluate("pre => pre.scrollWidth > pre.clientWidth")  # it scrolls, not wraps
+    assert pre.bounding_box()["height"] < 60  # one line
+    assert page.locator("#log").evaluate("log => log.scrollWidth <= log.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+
+
+def test_browser_copy_puts_the_code_on_the_clipboard(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", permissions=["clipboard-read", "clipboard-write"])
+    post(server.port, "/messages", {"text": CODE_MESSAGE})
+    copy = texts(page).last.get_by_role("button")  # "Copy", then what it did
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == CODE_BLOCK
+
+
+def test_browser_without_the_clipboard_api_copy_selects_the_code(server, open_page):
+    """Plain http on a LAN address has no navigator.clipboard (secure contexts only)."""
+    from playwright.sync_api import expect
+
+    def no_clipboard_api(context):
+        context.add_init_script(
+            "Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined})"
+        )
+
+    page = open_page(server.port, "alice", prepare=no_clipboard_api)
+    post(server.port, "/messages", {"text": CODE_MESSAGE})
+    copy = texts(page).last.get_by_role("button")  # "Copy", then what it did
+    copy.click()
+    expect(copy).to_have_text("Selected: copy it")
+    assert page.evaluate("getSelection().toString()") == CODE_BLOCK
+
+
+def test_browser_a_right_to_left_name_keeps_the_header_in_order_and_rtl_text_reads_right(
+    server, open_page
+):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    post(server.port, "/messages", {"name": RTL_NAME, "text": RTL_TEXT})
+    message = page.locator("#chat-box .message").last
+    expect(message.locator("strong bdi")).to_have_text(RTL_NAME)
+    name, time_ = message.locator("strong").bounding_box(), message.locator("time").bounding_box()
+    assert name["x"] + name["width"] <= time_["x"]  # the name, then the time: not split
+    text = message.locator(".text")
+    assert text.evaluate("e => getComputedStyle(e).direction") == "rtl"
+    # the text sits on the right of its bubble, where right-to-left reading begins
+    right_edges = text.evaluate("""e => {
+        const range = document.createRange();
+        range.selectNodeContents(e);
+        return [range.getBoundingClientRect().right, e.getBoundingClientRect().right];
+    }""")
+    assert abs(right_edges[0] - right_edges[1]) < 2, right_edges
+
+
+def test_browser_names_in_notices_and_the_online_list_are_isolated(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    with joined(server, name=RTL_NAME):
+        expect(page.locator("#chat-box .notice").last).to_have_text(f"{RTL_NAME} joined")
+        expect(page.locator("#chat-box .notice bdi").last).to_have_text(RTL_NAME)
+        expect(page.locator("#online li bdi")).to_have_text(["alice", RTL_NAME])
+
+
+def test_browser_the_name_box_takes_32_characters_even_of_emoji(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    with joined(server, name="watcher") as (watcher, _):
+        receive(watcher, "presence")  # its own join
+        page.fill("#name-input", "😀" * 40)  # 80 UTF-16 units; maxlength would stop at 16 emoji
+        expect(page.locator("#name-input")).to_have_value("😀" * 32)
+        expect(page.locator("#chat-error")).to_have_text("A name has at most 32 characters.")
+        page.press("#name-input", "Enter")
+        change = presence_frames(watcher, 1)[0]["changes"][0]
+        assert change == {"renamed": {"from": "alice", "to": "😀" * 32}}
+
+
+def scripted_room():
+    """`prepare` for open_page: the page's websocket goes to the test, which plays the server
+    (for frames the server in this branch does not send yet, or in an order it cannot be made
+    to send them). Returns (prepare, sockets)."""
+    sockets = []
+
+    def prepare(context):
+        context.route_web_socket("**/*", lambda ws: sockets.append(ws))
+
+    return prepare, sockets
+
+
+def scripted_history(ws, name, online):
+    history = {"type": "history", "room": "r", "name": name, "messages": [], "more": False}
+    ws.send(json.dumps({**history, "online": online}))
+
+
+def test_browser_a_refused_rename_puts_the_room_s_name_back_in_the_box_with_the_reason(
+    server, open_page
+):
+    """The error frame agreed with the server side of issue 23: its `name` is the name the room
+    still knows, its text begins "rename refused: "."""
+    from playwright.sync_api import expect
+
+    prepare, sockets = scripted_room()
+    page = open_page(server.port, "n20", prepare=prepare, online=False)
+    wait_in_page(page, lambda: sockets, timeout=5)
+    scripted_history(sockets[0], "n20", ["n20", "n24"])
+    expect(page.locator("#status")).to_have_text("online")
+    asked = []
+    sockets[0].on_message(lambda frame: asked.append(json.loads(frame)))
+    page.fill("#name-input", "n24")
+    page.press("#name-input", "Enter")
+    wait_in_page(page, lambda: asked, timeout=5)
+    assert asked == [{"type": "name", "name": "n24"}]
+    refusal = "rename refused: n24 is the name of someone else here"
+    sockets[0].send(json.dumps({"type": "error", "error": refusal, "name": "n20"}))
+    expect(page.locator("#name-input")).to_have_value("n20")
+    expect(page.locator("#chat-error")).to_have_text(refusal)
+    assert page.evaluate("localStorage.getItem('chat-name')") == "n20"
+    expect(page.locator("#online .self")).to_have_text("n20 (you)")
+
+
+def name_frames(page):
+    frames = [json.loads(frame) for frame in page.sent_frames]
+    return [frame for frame in frames if isinstance(frame, dict) and frame.get("type") == "name"]
+
+
+def test_browser_a_rename_to_the_same_name_sends_nothing(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    page.fill("#name-input", " alice ")
+    page.press("#name-input", "Enter")
+    page.press("#name-input", "Tab")
+    page.fill("#name-input", "alicia")
+    page.press("#name-input", "Tab")
+    wait_in_page(page, lambda: name_frames(page))
+    assert name_frames(page) == [{"type": "name", "name": "alicia"}]
+    expect(page.locator("#chat-box .notice", has_text="is now")).to_have_text(
+        ["alice is now alicia"]
+    )
+
+
+def test_browser_the_online_list_marks_oneself_among_people_of_the_same_name(server, open_page):
+    from playwright.sync_api import expect
+
+    first, second = open_page(server.port, "sam"), open_page(server.port, "sam")
+    bob = open_page(server.port, "bob")
+    for page in (first, second):
+        expect(page.locator("#online li")).to_have_text(["bob", "sam (you)", "sam"])
+    expect(bob.locator("#online li")).to_have_text(["bob (you)", "sam", "sam"])
+    expect(bob.locator("#online .self")).to_have_count(1)
+
+
+def test_browser_a_first_time_visitor_is_heard_of_once_under_the_chosen_name(server, open_page):
+    from playwright.sync_api import expect
+
+    with joined(server, name="watcher") as (watcher, _):
+        receive(watcher, "presence")  # its own join
+        page = open_page(server.port, online=False)  # nothing kept: a first-time visitor
+        name_box = page.locator("#name-input")
+        expect(name_box).to_be_focused()
+        expect(name_box).to_have_value(re.compile(r"^guest-\d+$"))  # a suggestion
+        expect(page.get_by_role("button", name="Join")).to_be_visible()
+        expect(page.locator("#status")).to_have_text("not in the chat yet")
+        assert get(server.port, "/health")[1]["clients"] == 1  # not joined: only the watcher
+
+        name_box.fill("alice")
+        name_box.press("Enter")
+        expect(page.locator("#status")).to_have_text("online")
+        expect(page.locator("#message-input")).to_be_focused()
+        say(page, "hello")
+        frames = receive_until(
+            watcher,
+            lambda frames: frames and frames[-1]["type"] == "message",
+            ("presence", "message"),
+        )
+        assert all_changes(frames[:-1]) == [{"joined": "alice"}]
+        assert frames[-1]["name"] == "alice"
+        assert page.evaluate("localStorage.getItem('chat-name')") == "alice"
+
+
+def test_browser_a_first_time_visitor_may_join_with_the_button_and_a_message(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, online=False)
+    page.fill("#message-input", "hello from a newcomer")
+    page.get_by_role("button", name="Join").click()
+    expect(texts(page)).to_have_text(["hello from a newcomer"])
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    assert stored_texts(server.port) == ["hello from a newcomer"]
+
+
+@pytest.mark.parametrize(
+    "changes, summary",
+    [
+        (
+            [{"joined": "a"}, {"joined": "b"}, {"joined": "c"}, {"left": "d"}]
+            + [{"renamed": {"from": "e", "to": "f"}}, {"renamed": {"from": "g", "to": "h"}}],
+            "3 joined, 1 left, 2 renamed",
+        ),
+        ([{"renamed": {"from": f"n{n}", "to": f"m{n}"}} for n in range(4)], "4 renamed"),
+    ],
+)
+def test_browser_a_summary_of_many_changes_counts_renames_and_leaves_out_zeros(
+    server, open_page, changes, summary
+):
+    from playwright.sync_api import expect
+
+    prepare, sockets = scripted_room()
+    page = open_page(server.port, "alice", prepare=prepare, online=False)
+    wait_in_page(page, lambda: sockets, timeout=5)
+    scripted_history(sockets[0], "alice", ["alice", "d", "e", "g", "n0", "n1", "n2", "n3"])
+    expect(page.locator("#status")).to_have_text("online")
+    sockets[0].send(json.dumps({"type": "presence", "changes": changes}))
+    expect(page.locator("#chat-box .notice")).to_have_text([summary])
+
+
+def test_browser_notices_with_long_names_wrap_on_a_360_pixel_phone(server, open_page):
+    from playwright.sync_api import expect
+
+    long_name = "W" * 32
+    page = open_page(server.port, "alice", **{**PHONE, "viewport": {"width": 360, "height": 640}})
+    with joined(server, name=long_name) as (ws, _):
+        ws.send(json.dumps({"type": "name", "name": "V" * 32}))
+        expect(page.locator("#chat-box .notice").last).to_contain_text("is now")
+    for notice in page.locator("#chat-box .notice").all():
+        box = notice.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 360
+    assert page.locator("#log").evaluate("log => log.scrollWidth <= log.clientWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+
+
+@pytest.mark.parametrize("lost", ["both ways", "answers only"])
+def test_browser_a_reload_keeps_what_was_typed_and_sends_what_was_pending_once(
+    server, relay, open_page, lost
+):
+    """The relay goes silent with a message on its way: either it never reached the server or
+    only the answer is lost. The reader reloads; the typed text is back in the box and the
+    message is stored once, with its ref."""
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice")
+    relay.go_silent(to_server=lost == "both ways")
+    say(page, "on its way")
+    expect(page.locator("#outbox .state")).to_have_text("Sending…")
+    if lost == "answers only":
+        wait_for_health(server.port, messages=1)
+    page.fill("#message-input", "half a thought")
+    page.reload()
+    expect(page.locator("#message-input")).to_have_value("half a thought")
+    expect(page.locator("#status")).to_have_text("online")
+    expect(texts(page)).to_have_text(["on its way"])
+    expect(page.locator("#chat-box .message.own")).to_have_count(1)  # still known as one's own
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    assert stored_texts(server.port) == ["on its way"]
+
+
+def test_browser_offline_shows_a_banner_and_marks_the_online_list_out_of_date(server, open_page):
+    from playwright.sync_api import expect
+
+    def form_is_below_the_log():
+        log, form = page.locator("#log").bounding_box(), page.locator("#chat-form").bounding_box()
+        return form["y"] >= log["y"] + log["height"] - 1
+
+    page = open_page(server.port, "alice")
+    banner = page.locator("#offline")
+    expect(banner).to_be_hidden()
+    assert form_is_below_the_log()
+    page.context.set_offline(True)
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("Not connected")
+    assert banner.bounding_box()["y"] < page.locator("#log").bounding_box()["y"]
+    assert form_is_below_the_log()
+    expect(page.locator("#online-count")).to_have_text("1 online (out of date: not connected)")
+    page.context.set_offline(False)
+    expect(page.locator("#status")).to_have_text("online")
+    expect(banner).to_be_hidden()
+    expect(page.locator("#online-count")).to_have_text("1 online")
+
+
+@pytest.mark.parametrize(
+    "device, keys",
+    [
+        ("desktop", "Enter sends, Shift+Enter adds a line"),
+        ("touch", "Enter adds a line, the Send button sends"),
+    ],
+)
+def test_browser_the_placeholder_says_what_the_keys_do_on_this_device(
+    server, open_page, device, keys
+):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", **(PHONE if device == "touch" else {}))
+    placeholder = f"Write a message: {keys}"
+    expect(page.locator("#message-input")).to_have_attribute("placeholder", placeholder)
+
+
+def test_browser_on_a_touch_keyboard_enter_adds_a_line_and_send_sends(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port, "alice", **PHONE)
+    box = page.locator("#message-input")
+    box.tap()
+    page.keyboard.type("line one")
+    page.keyboard.press("Enter")
+    page.keyboard.type("line two")
+    expect(box).to_have_value("line one\nline two")
+    assert sent_texts(page) == []
+    page.get_by_role("button", name="Send").tap()
+    expect(texts(page)).to_have_text(["line one\nline two"])
+    expect(box).to_be_focused()  # the keyboard stays for the next message
+
+
+def test_browser_new_messages_button_leaves_the_focus_in_the_conversation(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(50)
+    page = open_page(server.port, "alice")
+    expect(texts(page)).to_have_count(50)
+    page.locator("#log").evaluate("log => log.scrollTop = 0")
+    post(server.port, "/messages", {"text": "while you read"})
+    button = page.get_by_role("button", name="New messages")
+    button.focus()
+    page.keyboard.press("Enter")
+    expect(button).to_be_hidden()
+    expect(texts(page).last).to_be_in_viewport()
+    expect(page.locator("#log")).to_be_focused()
+
+
+def test_browser_load_older_messages_leaves_the_focus_in_the_conversation(server, open_page):
+    from playwright.sync_api import expect
+
+    seed(120)  # 50 shown, 70 older: one load fetches them all and the button goes
+    page = open_page(server.port, "alice")
+    expect(texts(page)).to_have_count(50)
+    older = page.get_by_role("button", name="Load older messages")
+    older.focus()
+    page.keyboard.press("Enter")
+    expect(texts(page)).to_have_count(120)
+    expect(older).to_be_hidden()
+    expect(page.locator("#log")).to_be_focused()
 
 
 # --- The workshop walkthrough, run as the README writes it -----------------------------

@@ -1,13 +1,16 @@
 """Makes docs/screenshot.png: two people chatting, from the real page in headless Chromium;
-and the same in each engine at desktop and phone size: docs/screenshot-ENGINE-SIZE.png.
+docs/screenshot-workshop.png and docs/screenshot-workshop-phone.png: code in a message and a
+right-to-left name, at desktop and phone size; and with --engines the conversation in each
+engine at desktop and phone size: docs/screenshot-ENGINE-SIZE.png.
 
-    python docs/screenshot.py [OUTPUT.png]     # screenshot.png only
+    python docs/screenshot.py [OUTPUT.png]     # with OUTPUT.png: only the first picture
     python docs/screenshot.py --engines        # and each engine's (those that are here)
 
 Needs what the tests need (requirements-test.txt) and Debian's chromium; for the engines,
 firefox-esr, webkit2gtk-driver and xvfb too (see docs/development.md).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -72,7 +75,7 @@ def make_engine_screenshots(engine, directory):
             tabs[name].evaluate(SAY, text)
             tabs[name].press("Enter")
             tabs["alice"].wait_for(
-                "(text) => [...document.querySelectorAll('#chat-box .message p')]"
+                "(text) => [...document.querySelectorAll('#chat-box .message .text')]"
                 ".some((p) => p.textContent === text)",
                 text,
             )
@@ -89,12 +92,63 @@ def make_engine_screenshots(engine, directory):
         servers.stop()
 
 
+STEP_2 = (
+    "Step 2 in `steps/step2_room.py`: one room, one order for everyone.\n"
+    "```python\n"
+    "async def chat(connection):\n"
+    "    room.clients.add(connection)\n"
+    "    try:\n"
+    "        async for text in connection:\n"
+    "            broadcast(room.clients, text)  # the same frame to everyone\n"
+    "    finally:\n"
+    "        room.clients.discard(connection)\n"
+    "```"
+)
+WORKSHOP = [
+    ("presenter", STEP_2),
+    ("أحمد", "شكرا! يعمل عندي أيضا"),  # Ahmad: "Thanks! It works for me too"
+    ("alice", "Mine said `KeyError: 'name'`: I had `data.name` instead of `data[\"name\"]`."),
+]
+PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
+
+
+def make_workshop_screenshots(browser, directory):
+    """Code in messages and a right-to-left name, as alice sees them on a laptop and a phone."""
+    servers = chat.Servers("127.0.0.1", 0, 0)
+    contexts = []
+    try:
+        pages = {}
+        for name, _ in WORKSHOP:
+            contexts.append(browser.new_context(viewport={"width": 900, "height": 560}))
+            contexts[-1].add_init_script(f"localStorage.setItem('chat-name', {json.dumps(name)})")
+            pages[name] = contexts[-1].new_page()
+            pages[name].goto(f"http://127.0.0.1:{servers.port}/")
+            expect(pages[name].locator("#status")).to_have_text("online")
+        for name, text in WORKSHOP:
+            pages[name].fill("#message-input", text)
+            pages[name].press("#message-input", "Enter")
+            expect(pages["alice"].locator("#chat-box .message").last).to_contain_text(name)
+        pages["alice"].screenshot(path=str(Path(directory) / "screenshot-workshop.png"))
+        contexts.append(browser.new_context(**PHONE))
+        contexts[-1].add_init_script("localStorage.setItem('chat-name', 'alice')")
+        phone = contexts[-1].new_page()
+        phone.goto(f"http://127.0.0.1:{servers.port}/")
+        expect(phone.locator("#chat-box .message")).to_have_count(len(WORKSHOP))
+        phone.screenshot(path=str(Path(directory) / "screenshot-workshop-phone.png"))
+    finally:
+        for context in contexts:
+            context.close()
+        servers.stop()
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         output = [arg for arg in sys.argv[1:] if arg != "--engines"]
         make_screenshot(chromium, output[0] if output else here / "screenshot.png")
+        if not output:
+            make_workshop_screenshots(chromium, here)
         if "--engines" in sys.argv:
             for name in engines.ENGINES:
                 if name != "chromium" and (why := engines.missing(name)):
