@@ -523,8 +523,10 @@ def read_frame(frame):
         data = json.loads(frame)
     except json.JSONDecodeError:
         data = None
-    except (ValueError, RecursionError) as error:  # JSON, but past what Python reads
-        raise BadInput(f"the frame cannot be read as JSON: {json_limit(error)}") from None
+    except (ValueError, RecursionError) as error:  # past what Python reads, not bad syntax
+        if frame.lstrip(" \t\n\r").startswith("{"):  # meant as an object: say why it is not
+            raise BadInput(f"the frame cannot be read as JSON: {json_limit(error)}") from None
+        data = None
     if not isinstance(data, dict):
         return {"type": "message", "text": frame}
     return without_nulls(data)
