@@ -798,7 +798,8 @@ def config():
 def page(request, response):
     """Read on every request, so that an edit to chat.html shows on reload."""
     html = PAGE.read_text(encoding="utf-8")
-    host = host_name(request.get_header("Host")) or request.env["SERVER_NAME"]  # see host_name()
+    # Not falcon's request.host, which raises for "Host: localhost:" (a 500): see host_name()
+    host = host_name(request.get_header("Host")) or request.env["SERVER_NAME"]
     response.set_header("Content-Security-Policy", page_policy(html, host))
     return html
 
@@ -944,7 +945,8 @@ def refuse(response, status, errors):
 def host_name(host):
     """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
 
-    ValueError when the header holds no host name ("[" without "]", ":8000", "@").
+    ValueError when the header holds no host name ("[" without "]", ":8000", "@"), or a port
+    that is not a number (see host_and_port()).
     """
     if not host:
         return None
