@@ -1340,8 +1340,10 @@ def test_stop_closes_a_handshake_that_never_comes_instead_of_waiting_for_it(monk
     threads_before = set(threading.enumerate())
     servers = chat.Servers("127.0.0.1", 0, 0)
     with socket.create_connection(("127.0.0.1", servers.ws_port), timeout=10) as idle:
-        wait_until(lambda: servers.handshakes, what="the server to see the idle connection")
-        servers.stop()  # raised RoomUnavailable: the loop was still waiting for it
+        # connections are accepted in order: once a later one is in, the idle one is too
+        with joined(servers) as (ws, _):
+            servers.stop()  # raised RoomUnavailable: the loop was still waiting for the idle one
+            assert close_code(ws) == 1001
         assert idle.recv(1) == b""  # closed by the server
     assert not threads_started_since(threads_before)
 
