@@ -798,8 +798,10 @@ def config():
 def page(request, response):
     """Read on every request, so that an edit to chat.html shows on reload."""
     html = PAGE.read_text(encoding="utf-8")
-    # Not falcon's request.host, which raises for "Host: localhost:" (a 500): see host_name()
-    host = host_name(request.get_header("Host")) or request.env["SERVER_NAME"]
+    # The name as the browser wrote it ("localhost." too: the CSP must name what it connects
+    # to), not falcon's request.host, which raises for "Host: localhost:" (a 500).
+    host = request.get_header("Host")
+    host = host_and_port(host)[0] if host else request.env["SERVER_NAME"]
     response.set_header("Content-Security-Policy", page_policy(html, host))
     return html
 
@@ -943,14 +945,17 @@ def refuse(response, status, errors):
 
 
 def host_name(host):
-    """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
+    """The name in a Host header as the checks compare it: "[::1]:8000" gives "::1", and
+    "LocalHost.:8000" gives "localhost"; None when there is none. The one reading of a host
+    for the Host check and for both sides of the Origin check.
 
-    ValueError when the header holds no host name ("[" without "]", ":8000", "@"), or a port
-    that is not a number (see host_and_port()).
+    Names are compared in lower case and without a trailing dot ("localhost." is localhost,
+    written as an absolute name). ValueError when the header holds no host name ("[" without
+    "]", ":8000", "@"), or a port that is not a number (see host_and_port()).
     """
     if not host:
         return None
-    return host_and_port(host)[0]
+    return host_and_port(host)[0].rstrip(".")
 
 
 # A Host header, or the host of an Origin: a name or an IPv4 address, or an IPv6 address in
@@ -959,19 +964,18 @@ HOST_AND_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[^\[\]:@/?#,\s]+))
 
 
 def host_and_port(host):
-    """A Host header as (name, port): "[::1]:8000" gives ("::1", 8000), "Localhost.:" gives
-    ("localhost", None). The one reading of a host for the Host check and the Origin check.
+    """A Host header as (name as written, in lower case; port): "[::1]:8000" gives ("::1", 8000),
+    "Localhost.:" gives ("localhost.", None).
 
-    Names are compared in lower case and without a trailing dot ("localhost." is localhost,
-    written as an absolute name). ValueError, with what is wrong, when it is no host name or
-    its port is not a number: falcon's request.host raised for "localhost:abc" (a 500).
+    ValueError, with what is wrong, when it is no host name or its port is not a number:
+    falcon's request.host raised for "localhost:abc" (a 500).
     """
     match = HOST_AND_PORT.fullmatch(host)
     in_brackets = match and match["ipv6"] is not None
     if not match or in_brackets and not (":" in match["ipv6"] and is_ip_address(match["ipv6"])):
         raise ValueError("the Host header is not a host name")
-    name = (match["ipv6"] or match["name"]).rstrip(".").lower()
-    if not name:  # "." alone
+    name = (match["ipv6"] or match["name"]).lower()
+    if not name.rstrip("."):  # "." alone
         raise ValueError("the Host header is not a host name")
     port = match["port"]
     if port and not (port.isascii() and port.isdecimal() and int(port) <= 65535):
@@ -1002,8 +1006,8 @@ def origin_parts(origin):
     is none ("null", a port that is not a number)."""
     try:
         url = urllib.parse.urlsplit(origin)
-        name, port = host_and_port(url.netloc)
-        return url.scheme.lower(), name, port or {"http": 80, "https": 443}.get(url.scheme)
+        port = host_and_port(url.netloc)[1] or {"http": 80, "https": 443}.get(url.scheme)
+        return url.scheme, host_name(url.netloc), port
     except ValueError:
         return None
 

@@ -1184,9 +1184,9 @@ def test_fuzzed_http_requests_never_get_a_500(server):
     assert_room_is_sound(server)
 
 
-# --- Hostile headers, and the command line keeps its word (issue 22) ---------------------
-# What a client controls in its headers: Host forms, Content-Type parameters and case,
-# headers sent twice, HEAD and OPTIONS. No answer is a 500, none leaves a traceback in the log.
+# Hostile headers, and the command line keeps its word (issue 22): what a client controls in
+# its headers (Host forms, Content-Type parameters and case, headers sent twice, HEAD and
+# OPTIONS). No answer is a 500, and none leaves a traceback in the log.
 
 
 def raw_request(port, method, path, headers, body=b""):
@@ -1333,6 +1333,17 @@ def test_a_page_opened_at_a_name_with_a_trailing_dot_or_capitals_can_post_and_co
         assert status == 201
         with handshake(servers.ws_port, name, origin=origin) as ws:
             assert [m["text"] for m in receive(ws, "history")["messages"]] == ["hi"]
+
+
+def test_browser_a_page_opened_at_localhost_with_a_trailing_dot_goes_online_and_posts(
+    server, open_page
+):
+    from playwright.sync_api import expect
+
+    page = open_page(url=f"http://localhost.:{server.port}/")  # waits for "online"
+    say(page, "from localhost.")
+    expect(texts(page)).to_have_text(["from localhost."])
+    assert stored_texts(server.port) == ["from localhost."]
 
 
 def test_stop_closes_a_handshake_that_never_comes_instead_of_waiting_for_it(monkeypatch):
