@@ -49,9 +49,12 @@ import hug
 
 if sys.modules["numpy"] is None:
     del sys.modules["numpy"]
+from cgi import parse_multipart  # after hug, which imported it already: no second warning
+
 import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
+from hug.format import parse_content_type
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -71,7 +74,7 @@ MAX_TEXT = 2000  # characters, after trimming white space
 MAX_NAME = 32
 MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
-MAX_BODY = 64 * 1024  # bytes; a bigger HTTP body is refused by waitress (413)
+MAX_BODY = 64 * 1024  # bytes (65,536) of an HTTP body at most; a bigger one gets 413 (waitress)
 BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection and HTTP client
 
 # The room
@@ -400,6 +403,14 @@ def clean_ref(value):
     return value
 
 
+def without_nulls(data):
+    """A JSON object without its null fields: null is the same as leaving a field out, for
+    every field, over HTTP and websocket alike."""
+    if not isinstance(data, dict):
+        return data
+    return {key: value for key, value in data.items() if value is not None}
+
+
 def is_ref(value):
     return isinstance(value, str) and 1 <= len(value) <= MAX_REF
 
@@ -510,11 +521,22 @@ def read_frame(frame):
         raise BadInput("binary frames are not accepted: send text")
     try:
         data = json.loads(frame)
-    except (ValueError, RecursionError):
+    except json.JSONDecodeError:
+        data = None
+    except (ValueError, RecursionError) as error:  # past what Python reads, not bad syntax
+        if frame.lstrip(" \t\n\r").startswith("{"):  # meant as an object: say why it is not
+            raise BadInput(f"the frame cannot be read as JSON: {json_limit(error)}") from None
         data = None
     if not isinstance(data, dict):
         return {"type": "message", "text": frame}
-    return data
+    return without_nulls(data)
+
+
+def json_limit(error):
+    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
+    if isinstance(error, RecursionError):
+        return "it is nested too deep"
+    return f"a number has more than {sys.get_int_max_str_digits()} digits"
 
 
 async def handle_frame(connection, data):
@@ -572,9 +594,15 @@ def read_query(connection):
 
 
 def check_request(connection, request, max_clients):
-    """Refuse unknown paths (404), what the policy refuses (403) and a full room (503)."""
+    """Refuse unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
+    (403 or 400) and a full room (503)."""
     if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
+    for header in ("Host", "Origin"):  # headers.get() raises MultipleValuesError on two (a 500)
+        if len(request.headers.get_all(header)) > 1:
+            return connection.respond(
+                http.HTTPStatus.BAD_REQUEST, f"The {header} header is sent more than once\n"
+            )
     refusal = policy.refusal(request.headers.get("Host"), request.headers.get("Origin"))
     if refusal:
         status, _, reason = refusal
@@ -603,17 +631,31 @@ class ChatConnection(ServerConnection):
 
     waiting_for_client = False
 
-    def __init__(self, *args, max_connections, **kwargs):
+    def __init__(self, *args, max_connections, handshakes, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.handshakes = handshakes  # the server's connections still in their handshake
 
     def connection_made(self, transport):
         """Close a TCP connection at once past max_connections (clients and handshakes under
         way): connections that never send a handshake must not take the descriptors that
         HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
         super().connection_made(transport)
-        if len(self.server.handler_tasks) > self.max_connections:
+        closing = self.server.close_task is not None  # see close_websockets()
+        if len(self.server.handler_tasks) > self.max_connections or closing:
             transport.abort()
+        else:
+            self.handshakes.add(self)
+
+    async def handshake(self, *args, **kwargs):
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self.handshakes.discard(self)
+
+    def connection_lost(self, exc):
+        self.handshakes.discard(self)
+        super().connection_lost(exc)
 
     def pause_writing(self):
         super().pause_writing()
@@ -756,7 +798,11 @@ def config():
 def page(request, response):
     """Read on every request, so that an edit to chat.html shows on reload."""
     html = PAGE.read_text(encoding="utf-8")
-    response.set_header("Content-Security-Policy", page_policy(html, request.host))
+    # The name as the browser wrote it ("localhost." too: the CSP must name what it connects
+    # to), not falcon's request.host, which raises for "Host: localhost:" (a 500).
+    host = request.get_header("Host")
+    host = host_and_port(host)[0] if host else request.env["SERVER_NAME"]
+    response.set_header("Content-Security-Policy", page_policy(html, host))
     return html
 
 
@@ -831,7 +877,7 @@ class Policy:
         self.public_url = public_url
         self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
         if public_url:
-            self.names.add(urllib.parse.urlsplit(public_url).hostname)
+            self.names.add(host_name(urllib.parse.urlsplit(public_url).netloc))
 
     def refusal(self, host, origin):
         """Why a request is refused, as (status, the header to blame, why); None if it is served.
@@ -841,8 +887,8 @@ class Policy:
         """
         try:
             reason = self.host_refusal(host)
-        except ValueError:  # "Host: [" is no host name at all
-            return http.HTTPStatus.BAD_REQUEST, "host", "the Host header is not a host name"
+        except ValueError as error:  # "Host: [" is no host name at all; "Host: a:b" has no port
+            return http.HTTPStatus.BAD_REQUEST, "host", str(error)
         if reason:
             return http.HTTPStatus.FORBIDDEN, "host", reason
         reason = self.origin_refusal(origin, host)
@@ -899,16 +945,42 @@ def refuse(response, status, errors):
 
 
 def host_name(host):
-    """The name in a Host header, lower case: "[::1]:8000" gives "::1"; None when there is none.
+    """The name in a Host header as the checks compare it: "[::1]:8000" gives "::1", and
+    "LocalHost.:8000" gives "localhost"; None when there is none. The one reading of a host
+    for the Host check and for both sides of the Origin check.
 
-    ValueError when the header holds no host name ("[" without "]", ":8000", "@").
+    Names are compared in lower case and without a trailing dot ("localhost." is localhost,
+    written as an absolute name). ValueError when the header holds no host name ("[" without
+    "]", ":8000", "@"), or a port that is not a number (see host_and_port()).
     """
     if not host:
         return None
-    name = (urllib.parse.urlsplit(f"//{host}").hostname or "").rstrip(".")
-    if not name:
-        raise ValueError(f"no host name in {host!r}")
-    return name
+    return host_and_port(host)[0].rstrip(".")
+
+
+# A Host header, or the host of an Origin: a name or an IPv4 address, or an IPv6 address in
+# brackets; then maybe a colon and a port, which may be empty ("localhost:" is valid, RFC 3986).
+HOST_AND_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[^\[\]:@/?#,\s]+))(?::(?P<port>.*))?")
+
+
+def host_and_port(host):
+    """A Host header as (name as written, in lower case; port): "[::1]:8000" gives ("::1", 8000),
+    "Localhost.:" gives ("localhost.", None).
+
+    ValueError, with what is wrong, when it is no host name or its port is not a number:
+    falcon's request.host raised for "localhost:abc" (a 500).
+    """
+    match = HOST_AND_PORT.fullmatch(host)
+    in_brackets = match and match["ipv6"] is not None
+    if not match or in_brackets and not (":" in match["ipv6"] and is_ip_address(match["ipv6"])):
+        raise ValueError("the Host header is not a host name")
+    name = (match["ipv6"] or match["name"]).lower()
+    if not name.rstrip("."):  # "." alone
+        raise ValueError("the Host header is not a host name")
+    port = match["port"]
+    if port and not (port.isascii() and port.isdecimal() and int(port) <= 65535):
+        raise ValueError("the port in the Host header is not a number from 0 to 65535")
+    return name, int(port) if port else None
 
 
 def url_host(name):
@@ -930,10 +1002,13 @@ def same_origin(one, other):
 
 
 def origin_parts(origin):
+    """(scheme, host name, port) of an origin, its host read as a Host header is; None if it
+    is none ("null", a port that is not a number)."""
     try:
         url = urllib.parse.urlsplit(origin)
-        return url.scheme, url.hostname, url.port or {"http": 80, "https": 443}.get(url.scheme)
-    except ValueError:  # a port that is not a number
+        port = host_and_port(url.netloc)[1] or {"http": 80, "https": 443}.get(url.scheme)
+        return url.scheme, host_name(url.netloc), port
+    except ValueError:
         return None
 
 
@@ -951,7 +1026,7 @@ def read_utf8(body):
 @hug.default_input_format("application/json", api=api)
 def read_json(body, **_header_params):
     try:
-        return json.loads(read_utf8(body))
+        return without_nulls(json.loads(read_utf8(body)))
     except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise BadInput(f"the body is not valid JSON: {error}") from None
 
@@ -968,13 +1043,20 @@ def read_text(body, **_header_params):
 
 
 @hug.default_input_format("multipart/form-data", api=api)
-def read_multipart(body, **header_params):
+def read_multipart(body, content_length, boundary=None):
     """What an HTML form with enctype="multipart/form-data" posts; hug's reader is a 500
-    without a boundary (KeyError) or with an empty one (ValueError)."""
+    without a boundary (KeyError) or with an empty one (ValueError), and it replaces bad
+    UTF-8 with "\ufffd" where the other readers refuse it."""
+    if not boundary:
+        raise BadInput("the multipart body has no valid boundary")
+    limits = {"boundary": boundary.encode(), "CONTENT-LENGTH": str(content_length)}
     try:
-        return hug.input_format.multipart(body, **header_params)
-    except (KeyError, ValueError):
+        form = parse_multipart(body.stream, limits, errors="strict")
+    except UnicodeDecodeError:
+        raise BadInput("the body is not valid UTF-8") from None
+    except ValueError:
         raise BadInput("the multipart body has no valid boundary") from None
+    return {key: values[0] if len(values) == 1 else values for key, values in form.items()}
 
 
 READABLE = (
@@ -994,6 +1076,50 @@ def refuse_unreadable_bodies(request, response):
         refuse(
             response, hug.HTTP_415, {"body": f"Content-Type must be one of: {', '.join(READABLE)}"}
         )
+
+
+# Bodies' parameters (RFC 2046): what a boundary may be, so that it can go back in quotes.
+BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,./:=? -]{0,69}[0-9A-Za-z'()+_,./:=?-]")
+
+
+@hug.request_middleware(api=api)
+def give_readers_only_the_media_type(request, response):
+    """hug looks up a body's reader by the Content-Type as sent, and "APPLICATION/JSON" had
+    none: media types are case-insensitive. And it passes the header's parameters to the
+    reader as keyword arguments: "; body=x" was a TypeError (a 500). So the readers see the
+    media type in lower case and, for a multipart body, its boundary; nothing else (the
+    charset says nothing: bodies are UTF-8, see read_utf8())."""
+    if request.content_type is None:
+        return
+    media_type, parameters = parse_content_type(request.content_type)
+    request.content_type = media_type.strip().lower()
+    boundary = parameters.get("boundary", "")
+    if request.content_type == "multipart/form-data" and BOUNDARY.fullmatch(boundary):
+        request.content_type += f'; boundary="{boundary}"'
+
+
+@hug.middleware_class(api=api)
+class AnswerHeadAsGet:
+    """HEAD is answered as GET, without the body, on every route (`curl -I` works).
+
+    hug's routes take only the methods they name, so HEAD was a 405. And for HEAD falcon
+    leaves out the body and its Content-Length: waitress then sends the empty body of the
+    chunked encoding, `0\r\n\r\n`, which an answer to HEAD must not have. So the route runs
+    as for a GET, and the answer keeps GET's Content-Length and loses only the body.
+    """
+
+    def process_request(self, request, response):
+        if request.method == "HEAD":
+            request.method = "GET"
+
+    def process_response(self, request, response, resource, succeeded):
+        allowed = (response.get_header("Allow") or "").split(", ")
+        if "GET" in allowed:  # the answer to OPTIONS, and a 405
+            response.set_header("Allow", ", ".join([*allowed, "HEAD"]))
+        if request.env["REQUEST_METHOD"] == "HEAD":
+            request.method = "HEAD"  # falcon sends no body then
+            body = response.body if response.body is not None else response.data or b""
+            response.content_length = len(body.encode() if isinstance(body, str) else body)
 
 
 @hug.exception(RoomUnavailable, api=api)
@@ -1072,7 +1198,7 @@ class Servers:
         self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
         settings = {
             "map": self.socket_map,
-            "max_request_body_size": MAX_BODY,
+            "max_request_body_size": MAX_BODY + 1,  # waitress refuses a body of this size
             # waitress reads requests in its one I/O thread and hands only whole ones to
             # its worker threads: an idle or trickling connection costs a descriptor and
             # a few KB, no thread. So allow many (the default, 100, was reached by 98 idle
@@ -1090,11 +1216,15 @@ class Servers:
             settings.update(
                 trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"}
             )
-        return waitress.create_server(app, host=host, port=port, **settings)
+        try:
+            return waitress.create_server(app, host=host, port=port, **settings)
+        except ValueError:  # waitress's "Invalid host/port specified.", with a traceback
+            raise OSError(f"{host} is not an address, nor a name that resolves") from None
 
     async def start_websockets(self, host, ws_port, history, redis_url):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
         global room
+        self.handshakes = set()  # see close_websockets()
         server = await serve(
             route,
             host,
@@ -1104,7 +1234,7 @@ class Servers:
             max_size=MAX_FRAME,
             write_limit=MAX_QUEUED,
             create_connection=functools.partial(
-                ChatConnection, max_connections=self.max_connections
+                ChatConnection, max_connections=self.max_connections, handshakes=self.handshakes
             ),
             ping_interval=PING_INTERVAL,
             ping_timeout=PING_TIMEOUT,
@@ -1128,8 +1258,7 @@ class Servers:
             if hasattr(self, "http_server"):
                 stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
             if hasattr(self, "ws_server"):
-                self.ws_server.close()
-                ask_loop(self.loop, self.ws_server.wait_closed())
+                ask_loop(self.loop, close_websockets(self.ws_server, self.handshakes))
                 ask_loop(self.loop, self.room.close())
         finally:  # whatever failed above, the loop's thread must end, or the process cannot
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -1157,6 +1286,20 @@ def stop_waitress(server, socket_map, thread):
             server.trigger.pull_trigger(close_all)
         thread.join(5)
     server.task_dispatcher.shutdown(timeout=5)
+
+
+async def close_websockets(server, handshakes):
+    """websockets' close() (1001 to every client), without waiting out the handshakes under way.
+
+    close() answers a handshake that is under way with a 503 when its request comes, and
+    waits for it until OPEN_TIMEOUT: one idle TCP connection held a shutdown for 5 s. So they
+    are closed here; a connection that comes after close() is closed by
+    ChatConnection.connection_made() (close() stops accepting only in a task of its own).
+    """
+    server.close()
+    for connection in list(handshakes):
+        connection.transport.abort()
+    await server.wait_closed()
 
 
 def raise_fd_limit():

@@ -362,7 +362,7 @@ BAD_POSTS = [
     ({"text": 42}, "text", "must be a string"),
     ({"text": {"x": 1}}, "text", "must be a string"),
     ({"text": ["a"]}, "text", "must be a string"),
-    ({"text": None}, "text", "must be a string"),
+    ({"text": None}, "text", "not supplied"),  # null is an absent field
     ({"text": "\ud800"}, "text", "not valid Unicode"),
     ({"text": "hi", "name": "n" * 33}, "name", "longer than 32"),
     ({"text": "hi", "name": ""}, "name", "empty"),
@@ -1183,6 +1183,392 @@ def test_fuzzed_http_requests_never_get_a_500(server):
 
     check()
     assert_room_is_sound(server)
+
+
+# Hostile headers, and the command line keeps its word (issue 22): what a client controls in
+# its headers (Host forms, Content-Type parameters and case, headers sent twice, HEAD and
+# OPTIONS). No answer is a 500, and none leaves a traceback in the log.
+
+
+def raw_request(port, method, path, headers, body=b""):
+    """One HTTP/1.1 request written byte for byte (headers in order, repeats kept); returns
+    the status and the whole answer as sent."""
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode("latin-1") + b"Connection: close\r\n\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def raw_handshake(ws_port, headers, path="/", method="GET"):
+    """A websocket handshake with exactly these headers; the answer's status and body."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    fixed = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key),
+        ("Sec-WebSocket-Version", "13"),
+    ]
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in [*headers, *fixed])
+    with socket.create_connection(("127.0.0.1", ws_port), timeout=10) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+        if not answer.startswith(b"HTTP/1.1 101"):
+            while chunk := sock.recv(65536):  # the body, up to the server's close
+                answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split(b" ", 2)[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def tracebacks(caplog):
+    """Log records that carry a traceback or an error: the symptom of an unhandled exception."""
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("host", ["localhost:", "127.0.0.1:", "[::1]:"])
+def test_a_host_with_an_empty_port_is_served_on_the_page_and_the_handshake(server, host):
+    status, answer = raw_request(server.port, "GET", "/", [("Host", host)])
+    assert status == 200 and b'id="chat-box"' in answer
+    assert raw_handshake(server.ws_port, [("Host", host)])[0] == 101
+
+
+@pytest.mark.parametrize("host", ["localhost:abc", "127.0.0.1:x", "[::1]:x", "localhost:99999"])
+def test_a_host_port_that_is_not_a_number_is_a_400_naming_the_host_header(server, caplog, host):
+    for path in ("/", "/messages"):
+        status, answer = raw_request(server.port, "GET", path, [("Host", host)])
+        assert status == 400
+        assert (
+            "port in the Host header"
+            in json.loads(answer.partition(b"\r\n\r\n")[2])["errors"]["host"]
+        )
+    status, body = raw_handshake(server.ws_port, [("Host", host)])
+    assert status == 400 and b"port in the Host header" in body
+    assert tracebacks(caplog) == []
+
+
+MULTIPART_HI = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n--b--\r\n'
+READERS = [
+    ("application/json", b'{"text": "hi"}'),
+    ("application/x-www-form-urlencoded", b"text=hi"),
+    ("multipart/form-data; boundary=b", MULTIPART_HI),
+]
+
+
+@pytest.mark.parametrize("parameter", ["body=x", "content_length=4", "Body=x", "charset=utf-8"])
+@pytest.mark.parametrize("content_type, body", READERS)
+def test_content_type_parameters_never_reach_the_body_readers(
+    server, content_type, body, parameter
+):
+    status, _, data = request(
+        server.port, "POST", "/messages", body, f"{content_type}; {parameter}"
+    )
+    assert (status, json.loads(data)["text"]) == (201, "hi")
+
+
+def test_text_plain_with_a_parameter_named_body_is_read_too(server):
+    status, _, data = request(server.port, "POST", "/messages?text=hi", b"hi", "text/plain; body=x")
+    assert (status, json.loads(data)["text"]) == (201, "hi")
+
+
+@pytest.mark.parametrize("content_type, body", READERS)
+def test_media_types_are_read_whatever_their_case(server, content_type, body):
+    media_type, _, parameters = content_type.partition(";")
+    shouted = media_type.upper() + (f";{parameters.upper()}" if parameters else "")
+    shouted = shouted.replace("BOUNDARY=B", "BOUNDARY=b")  # a boundary is case-sensitive
+    status, _, data = request(server.port, "POST", "/messages", body, shouted)
+    assert (status, json.loads(data)["text"]) == (201, "hi")
+
+
+def test_a_multipart_text_with_bad_utf8_is_a_400_like_every_other_body(server):
+    body = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\xfe\r\n--b--\r\n'
+    status, _, data = request(
+        server.port, "POST", "/messages", body, "multipart/form-data; boundary=b"
+    )
+    assert status == 400 and "not valid UTF-8" in json.loads(data)["errors"]["body"]
+    assert stored_texts(server.port) == []
+
+
+@pytest.mark.parametrize("header", ["Host", "Origin"])
+def test_a_host_or_origin_sent_twice_on_the_handshake_is_a_400_naming_it(server, caplog, header):
+    values = {
+        "Host": ["127.0.0.1", "localhost"],
+        "Origin": ["http://a.example", "http://b.example"],
+    }
+    headers = [("Host", "127.0.0.1")] if header == "Origin" else []
+    status, body = raw_handshake(server.ws_port, headers + [(header, v) for v in values[header]])
+    assert status == 400 and f"The {header} header is sent more than once".encode() in body
+    assert tracebacks(caplog) == []
+
+
+def test_a_host_sent_twice_over_http_is_a_400_and_stores_nothing(server):
+    # waitress joins repeated headers with a comma (WSGI), which no host name has
+    headers = [("Host", "127.0.0.1"), ("Host", "localhost"), ("Content-Type", "application/json")]
+    status, answer = raw_request(server.port, "POST", "/messages", headers, b'{"text": "hi"}')
+    assert status == 400 and b'"host"' in answer
+    assert stored_texts(server.port) == []
+
+
+def test_an_origin_sent_twice_over_http_is_not_the_chat_page_and_a_post_is_refused(server):
+    page = f"http://127.0.0.1:{server.port}"
+    headers = [("Host", f"127.0.0.1:{server.port}"), ("Origin", page), ("Origin", page)]
+    headers.append(("Content-Type", "application/json"))
+    status, answer = raw_request(server.port, "POST", "/messages", headers, b'{"text": "hi"}')
+    assert status == 403 and b'"origin"' in answer
+    assert stored_texts(server.port) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["localhost.", "chat.localhost.", "chat.lan.", "LocalHost.", "CHAT.LAN"]
+)
+def test_a_page_opened_at_a_name_with_a_trailing_dot_or_capitals_can_post_and_connect(name):
+    with running_servers(allowed_hosts=["chat.lan"]) as servers:
+        origin = f"http://{name}:{servers.port}"
+        headers = {"Host": f"{name}:{servers.port}", "Origin": origin}
+        status, _, _ = request(servers.port, "POST", "/messages", {"text": "hi"}, headers=headers)
+        assert status == 201
+        with handshake(servers.ws_port, name, origin=origin) as ws:
+            assert [m["text"] for m in receive(ws, "history")["messages"]] == ["hi"]
+
+
+def test_browser_a_page_opened_at_localhost_with_a_trailing_dot_goes_online_and_posts(
+    server, open_page
+):
+    from playwright.sync_api import expect
+
+    page = open_page(url=f"http://localhost.:{server.port}/")  # waits for "online"
+    say(page, "from localhost.")
+    expect(texts(page)).to_have_text(["from localhost."])
+    assert stored_texts(server.port) == ["from localhost."]
+
+
+def test_stop_closes_a_handshake_that_never_comes_instead_of_waiting_for_it(monkeypatch):
+    monkeypatch.setattr(chat, "OPEN_TIMEOUT", 60)  # far longer than stop() may take
+    threads_before = set(threading.enumerate())
+    servers = chat.Servers("127.0.0.1", 0, 0)
+    with socket.create_connection(("127.0.0.1", servers.ws_port), timeout=10) as idle:
+        # connections are accepted in order: once a later one is in, the idle one is too
+        with joined(servers) as (ws, _):
+            servers.stop()  # raised RoomUnavailable: the loop was still waiting for the idle one
+            assert close_code(ws) == 1001
+        assert idle.recv(1) == b""  # closed by the server
+    assert not threads_started_since(threads_before)
+
+
+def test_a_host_that_does_not_resolve_is_one_line_and_exit_2(chat_process):
+    process = chat_process("--host", "999.1.1.1", "--port", "0", "--ws-port", "0")
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and error.startswith("chat.py: error:") and "999.1.1.1" in error
+
+
+GET_ROUTES = ["/", "/chat", "/config", "/messages", "/get_messages", "/health", "/nope"]
+
+
+@pytest.mark.parametrize("path", GET_ROUTES)
+def test_head_answers_as_get_without_the_body(server, path):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("HEAD", path)
+        head = connection.getresponse()
+        assert head.read() == b""
+        connection.request("GET", path)  # the same connection: no stray byte came after HEAD
+        get_answer = connection.getresponse()
+        body = get_answer.read()
+    finally:
+        connection.close()
+    assert head.status == get_answer.status
+    assert head.getheader("Content-Type") == get_answer.getheader("Content-Type")
+    assert int(head.getheader("Content-Length")) == len(body)
+
+
+@pytest.mark.parametrize("path", GET_ROUTES[:-1])
+def test_options_names_head_among_the_methods_of_a_get_route(server, path):
+    response = request(server.port, "OPTIONS", path)
+    assert response.status == 200
+    assert {"GET", "HEAD"} <= set(response.headers["Allow"].split(", "))
+
+
+def test_a_frame_with_a_number_too_long_says_so(server):
+    with joined(server) as (ws, _):
+        ws.send('{"type": "message", "text": "hi", "n": ' + "1" * 5000 + "}")
+        error = receive(ws, "error")["error"]
+    assert "cannot be read as JSON" in error and "4300 digits" in error
+
+
+def test_a_frame_nested_too_deep_says_so(server):
+    with joined(server) as (ws, _):
+        ws.send('{"type": "message", "a": ' + "[" * 20000 + "]" * 20000 + "}")
+        error = receive(ws, "error")["error"]
+    assert "cannot be read as JSON" in error and "nested too deep" in error
+
+
+def test_a_body_of_exactly_64_kib_is_read_and_one_byte_more_is_a_413(server):
+    def body(size):
+        start = b'{"text": "hi", "padding": "'
+        return start + b"x" * (size - len(start) - 2) + b'"}'
+
+    assert len(body(65536)) == chat.MAX_BODY == 65536
+    assert request(server.port, "POST", "/messages", body(65536))[0] == 201
+    assert request(server.port, "POST", "/messages", body(65537))[0] == 413
+
+
+def test_null_is_an_absent_field_over_http(server):
+    status, message = post(server.port, "/messages", {"text": "hi", "name": None, "ref": None})
+    assert status == 201 and message["name"].startswith("guest-") and "ref" not in message
+    status, message = post(server.port, "/send_message", {"text": None, "message": "old"})
+    assert (status, message["text"]) == (201, "old")
+    assert get(server.port, "/messages?limit=5")[0] == 200
+
+
+def test_null_is_an_absent_field_over_websocket(server):
+    with joined(server, name="alice") as (ws, _):
+        ws.send(json.dumps({"type": "message", "text": "hi", "ref": None}))
+        message = receive(ws, "message")
+        ws.send(json.dumps({"type": "name", "name": None}))
+        error = receive(ws, "error")["error"]
+        ws.send(json.dumps({"type": "name"}))
+        assert receive(ws, "error")["error"] == error  # null says what leaving it out says
+    assert message["text"] == "hi" and "ref" not in message
+
+
+def test_browser_trims_white_space_exactly_as_the_server_does(server, open_page):
+    page = open_page(server.port)
+    page_trims = page.evaluate(
+        """() => {
+            const trims = [];
+            for (let c = 0; c <= 0x10ffff; c++) {
+                if (trimmed(String.fromCodePoint(c)) === "") trims.push(c);
+            }
+            return trims;
+        }"""
+    )
+    server_trims = [c for c in range(0x110000) if not chr(c).strip()]
+    assert page_trims == server_trims
+
+
+def test_browser_does_not_send_a_text_of_information_separators(server, open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    say(page, "\x1c\x1d")  # white space to Python's str.strip(), not to JavaScript's trim()
+    say(page, "real")
+    expect(texts(page)).to_have_text(["real"])
+    assert sent_texts(page) == ["real"]
+    expect(page.locator("#chat-error")).not_to_contain_text("text is empty")
+
+
+# The class, not only the instances: any headers a client may send, on both servers.
+
+# Each strategy mixes forms a browser sends with what no browser would: half of the requests get
+# past the Host and Origin checks, so that what comes after them is fuzzed too.
+LATIN1 = st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f")
+served_names = st.sampled_from(["127.0.0.1", "localhost", "LocalHost", "chat.localhost", "[::1]"])
+odd_names = st.sampled_from(["[::1", "::1", "[x]", "rebind.example", "", ".", "@", "a,b", "a b"])
+ports = st.sampled_from(["", "0", "8000", "65536", "abc", " 1", "+1", "\xb2"])
+host_headers = st.builds(
+    lambda name, dot, port: name + dot + ("" if port is None else f":{port}"),
+    served_names | odd_names | st.text(LATIN1, max_size=12),
+    st.sampled_from(["", ".", ".."]),
+    st.none() | ports | st.text(LATIN1, max_size=6),
+)
+origins = st.sampled_from(["null", ""]) | st.builds(
+    lambda scheme, host: f"{scheme}://{host}", st.sampled_from(["http", "HTTP", "ws"]), host_headers
+)
+
+
+def random_case(text):
+    """`text` with each letter in upper or lower case."""
+    return st.lists(st.booleans(), min_size=len(text), max_size=len(text)).map(
+        lambda upper: "".join(
+            c.upper() if u else c.lower() for c, u in zip(text, upper, strict=True)
+        )
+    )
+
+
+media_types = (
+    st.sampled_from(chat.READABLE)
+    | st.sampled_from(["application/xml", "", "multipart/mixed", "application/json+x"])
+).flatmap(random_case)
+parameters = st.tuples(
+    st.sampled_from(["body", "Body", "content_length", "charset", "boundary", "BOUNDARY", ""])
+    | st.text(LATIN1, max_size=8),
+    st.sampled_from(["b", '"b"', "utf-8", "bogus", '"', "", "a;b", '"a;b"'])
+    | st.text(LATIN1, max_size=8),
+)
+content_types = st.builds(
+    lambda media_type, params: media_type + "".join(f"; {k}={v}" for k, v in params),
+    media_types,
+    st.lists(parameters, max_size=3),
+)
+other_headers = st.tuples(
+    st.sampled_from(["Accept", "Cookie", "Authorization", "X-Forwarded-For", "Content-Type"]),
+    st.text(LATIN1, max_size=20),
+)
+
+
+@st.composite
+def client_headers(draw):
+    """Host: half of the time one that is served, else 0 to 3 of any form; Origin: half of the
+    time none, else 1 or 2; Content-Type: once or 0 to 2 times; a few others; names in any
+    case, in any order."""
+    hosts = draw(
+        st.lists(served_names, min_size=1, max_size=1) | st.lists(host_headers, max_size=3)
+    )
+    sent_origins = draw(st.just([]) | st.lists(origins, min_size=1, max_size=2))
+    types = draw(
+        st.lists(content_types, min_size=1, max_size=1) | st.lists(content_types, max_size=2)
+    )
+    headers = [(draw(random_case("Host")), value) for value in hosts]
+    headers += [(draw(random_case("Origin")), value) for value in sent_origins]
+    headers += [(draw(random_case("Content-Type")), value) for value in types]
+    headers += draw(st.lists(other_headers, max_size=2))
+    return draw(st.permutations(headers))
+
+
+bodies = st.sampled_from(
+    [b'{"text": "fuzz"}', b"text=fuzz", MULTIPART_HI.replace(b"hi", b"fuzz"), b""]
+) | st.binary(max_size=100)
+
+
+@pytest.mark.timeout(240)
+def test_fuzzed_headers_on_every_route_and_method_never_get_a_500_or_a_traceback(server, caplog):
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(
+        st.sampled_from(["GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE"]),
+        st.sampled_from([*GET_ROUTES, "/send_message"]),
+        client_headers(),
+        bodies,
+    )
+    def check(method, path, headers, body):
+        status, _ = raw_request(server.port, method, path, headers, body)
+        assert status < 500
+        assert tracebacks(caplog) == []
+
+    check()
+    assert_room_is_sound(server)
+
+
+@pytest.mark.timeout(240)
+def test_fuzzed_handshake_headers_never_get_a_500_or_a_traceback(server, caplog):
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(
+        st.sampled_from(["GET", "GET", "HEAD", "OPTIONS"]),
+        st.sampled_from(["/", "/chat", "/ws", "/echo", "/nope", "/?name=x"]),
+        client_headers(),
+    )
+    def check(method, path, headers):
+        status, _ = raw_handshake(server.ws_port, headers, path, method)
+        assert status < 500
+        assert tracebacks(caplog) == []
+
+    check()
+    wait_for_health(server.port, clients=0)
 
 
 # A soak: clients that chat, drop and resume at random while HTTP posts run.
