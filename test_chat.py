@@ -3805,7 +3805,7 @@ def test_every_engine_the_page_comes_online_with_its_name(server, open_tab):
     shows(
         tab,
         "() => [...document.querySelectorAll('#online li')].map((li) => li.textContent)",
-        ["alice"],
+        ["alice (you)"],  # the online list marks oneself
     )
 
 
