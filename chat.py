@@ -291,9 +291,11 @@ class Room:
             raise TooFast()
 
     def connected(self, address):
+        """A websocket from this address was let in (check_request)."""
         self.connections_from[address] += 1
 
     def disconnected(self, address):
+        """That websocket is gone, however it ended (ChatConnection.connection_lost)."""
         self.connections_from[address] -= 1
         if not self.connections_from[address]:
             del self.connections_from[address]  # bounded by the connections open now
@@ -466,7 +468,7 @@ def utc_now():
 class TokenBucket:
     """`burst` at once, then `per_second` a second: a person never notices, a script does."""
 
-    def __init__(self, burst, per_second):
+    def __init__(self, burst=BURST, per_second=PER_SECOND):
         self.burst, self.per_second = burst, per_second
         self.tokens, self.last = burst, time.monotonic()
 
@@ -617,10 +619,10 @@ def check_request(connection, request, max_clients):
     if refusal:
         status, _, reason = refusal
         return connection.respond(status, reason + "\n")
-    headers = request.headers
-    keys = presented_keys(url.query, headers.get_all("Authorization"), headers.get_all("Cookie"))
-    if not policy.admits(keys):
-        return connection.respond(http.HTTPStatus.UNAUTHORIZED, policy.how_to_get_in() + "\n")
+    if policy.key and not policy.admits(handshake_keys(request)):
+        refused = connection.respond(http.HTTPStatus.UNAUTHORIZED, policy.how_to_get_in() + "\n")
+        refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
+        return refused
     if is_full(connection.server, max_clients):
         return connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
@@ -628,10 +630,18 @@ def check_request(connection, request, max_clients):
     address = client_address(connection)
     reason = address_refusal(address)
     if reason:
-        return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
+        refused = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
+        refused.headers["Retry-After"] = "1"
+        return refused
     connection.counted_in = room, address  # and counted out when the connection is lost
     room.connected(address)
     return None
+
+
+def handshake_keys(request):
+    """The room keys a handshake brings (see presented_keys())."""
+    url, headers = urllib.parse.urlsplit(request.path), request.headers
+    return presented_keys(url.query, headers.get_all("Authorization"), headers.get_all("Cookie"))
 
 
 def address_refusal(address):
@@ -1050,14 +1060,17 @@ def check_http_request(request, response):
 def check_room_key(request, response):
     """Where strangers can reach the chat, only those with the room key get anything but /health
     (for monitors): a JSON 401 that says how to get in, or for the page a page that says it."""
+    if policy.key is None or request.path == "/health":
+        return
     authorization = request.get_header("Authorization")
     keys = presented_keys(
         request.query_string,
         [authorization] if authorization else [],
         [request.get_header("Cookie") or ""],
     )
-    if request.path == "/health" or policy.admits(keys):
+    if policy.admits(keys):
         return
+    response.set_header("WWW-Authenticate", "Bearer")  # what a 401 must say: how to get in
     if request.path in ("/", "/chat"):
         refuse_page(response)
     else:

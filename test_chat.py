@@ -2954,7 +2954,7 @@ def test_an_address_connecting_in_a_loop_for_5_s_costs_others_only_a_few_kb_of_p
                     presence.append(frame)
     cost = sum(len(frame.encode()) for frame in presence)
     assert cost <= presence_bytes_bound(took) < 11_000  # it was 275 KB a second
-    assert refusals[0].status_code == 429
+    assert refusals[0].status_code == 429 and refusals[0].headers["Retry-After"] == "1"
     assert b"connecting too often from your address" in refusals[0].body
 
 
@@ -3037,12 +3037,15 @@ def test_without_the_key_every_route_but_health_is_refused_saying_how_to_get_in(
     keyed_server, method, path, way, key
 ):
     suffix, headers = with_key(way, key) if key else ("", {})
-    status, content_type, body = request(
+    answer = request(
         keyed_server.port, method, path + suffix, {"text": "stranger"}, headers=headers
     )
+    status, content_type, body = answer
     if path == "/health":
         assert status == 200
-    elif path in ("/", "/chat"):
+        return
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    if path in ("/", "/chat"):
         assert status == 401 and content_type == "text/html; charset=utf-8"
         assert b"Open the link the chat printed" in body and b"stranger" not in body
     else:
@@ -3126,6 +3129,22 @@ def test_browser_without_the_key_sees_no_message(keyed_server, open_page):
     page = open_page(url=f"http://127.0.0.1:{keyed_server.port}/", online=False)
     expect(page.locator("h1")).to_have_text("This chat needs its room key")
     assert "m1" not in page.content() and page.locator("#chat-box").count() == 0
+
+
+def test_browser_after_a_restart_with_another_key_says_to_open_the_new_link(
+    chat_process, open_page
+):
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports, "--key", ROOM_KEY)
+    first.urls()
+    page = open_page(url=f"http://127.0.0.1:{first.port}/?key={ROOM_KEY}", name="alice")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+    second = chat_process(*ports, "--key", ROOM_KEY[::-1])  # the old cookie no longer opens it
+    second.urls()
+    expect(page.locator("#status")).to_have_text("locked out: open the link the chat printed")
 
 
 # The command line: when there is a key, and the QR code
