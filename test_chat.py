@@ -1221,7 +1221,9 @@ def soak_and_check(servers):
         while asyncio.get_running_loop().time() < deadline:
             since = seen[n][-1] if seen[n] else 0
             async with async_connect(
-                ws_url(servers, name=f"soak{n}", since=since), max_queue=None
+                ws_url(servers, name=f"soak{n}", since=since),
+                max_queue=None,
+                local_addr=(f"127.0.2.{n + 1}", 0),  # 100 people: each an address of its own
             ) as ws:
                 resumes[0] += 1
                 stay = rng.uniform(0.2, 3)
@@ -1252,7 +1254,8 @@ def soak_and_check(servers):
 
     async def catch_up(n, last_id):
         since = seen[n][-1] if seen[n] else 0
-        async with async_connect(ws_url(servers, since=since), max_queue=None) as ws:
+        url = ws_url(servers, since=since)
+        async with async_connect(url, max_queue=None, local_addr=(f"127.0.2.{n + 1}", 0)) as ws:
             while not seen[n] or seen[n][-1] < last_id:
                 record(n, json.loads(await asyncio.wait_for(ws.recv(), 10)))
 
