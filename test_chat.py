@@ -3019,6 +3019,25 @@ def test_behind_the_proxy_two_forwarded_addresses_get_two_limits_on_websockets_a
     assert flood(proxied_server.port, ["198.51.100.3"], count=1) == [201]
 
 
+def test_one_ipv6_64_is_one_voice_behind_the_proxy_on_http_and_websockets(proxied_server):
+    # one machine makes up addresses in its /64 at will: a new one for each post
+    assert 429 in flood(proxied_server.port, [f"2001:db8:1:2::{n:x}" for n in range(1, 30)])
+    assert flood(proxied_server.port, ["2001:db8:1:3::1"], count=1) == [201]  # the next /64
+
+    async def run():
+        claims = [{"X-Forwarded-For": f"2001:db8:1:4::{n}"} for n in (1, 2)]
+        began, stored = time.monotonic(), 0
+        for n, claim in enumerate(claims):
+            async with connect_from(
+                proxied_server, "127.0.0.1", "/ws", additional_headers=claim
+            ) as ws:
+                stored += await send_and_wait_for_answers(ws, BURST, f"v6-{n}")
+        return stored, time.monotonic() - began
+
+    stored, took = run_async(run())
+    assert stored <= most_allowed(took)
+
+
 # The room key
 
 
