@@ -522,7 +522,7 @@ async def echo(connection):
 async def chat(connection):
     """One client in the room: history first, then its frames until it goes."""
     name, since, errors = read_query(connection)
-    address = client_address(connection)
+    address = voice_of(client_address(connection))
     await room.join(connection, name, since)
     try:
         for error in errors:  # a bad name or since in the URL: said once the client listens
@@ -627,7 +627,7 @@ def check_request(connection, request, max_clients):
         return connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
         )
-    address = client_address(connection)
+    address = voice_of(client_address(connection))
     reason = address_refusal(address)
     if reason:
         refused = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
@@ -675,6 +675,21 @@ def client_address(connection):
         with contextlib.suppress(ValueError):  # none, or no address: the proxy's own then
             return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
     return peer
+
+
+def voice_of(address):
+    """What one person's client address is, for the limits per address: an IPv6 address's /64
+    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
+    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # no address at all (a test's fake client): itself
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return address
 
 
 def is_full(server, max_clients):
@@ -812,7 +827,8 @@ def send_message(
 
 def add_http_message(request, response, name, text, ref):
     try:
-        message, stored_now = ask_room(post_in_room(request.remote_addr, name, text, ref))
+        address = voice_of(request.remote_addr)  # waitress's: the proxy's X-Forwarded-For behind it
+        message, stored_now = ask_room(post_in_room(address, name, text, ref))
         if not stored_now:
             response.status = hug.HTTP_200  # stored before, under this ref: nothing new
         return message
