@@ -2898,7 +2898,7 @@ def test_40_connections_of_one_address_store_no_more_than_one_connection_would(s
     assert len(stored_texts(server.port)) == stored
 
 
-def test_an_addresss_http_posts_share_the_limit_of_its_websockets(server):
+def test_the_http_posts_of_an_address_share_the_limit_of_its_websockets(server):
     began = time.monotonic()
     with joined(server, "127.0.4.2") as (ws, _):
         for n in range(BURST):
@@ -2918,9 +2918,6 @@ def test_an_address_past_its_limit_leaves_another_address_untouched(server):
         for n in range(3 * BURST):
             flood.send(f"flood {n}")
         assert receive(flood, "error")["error"].startswith("too many messages too fast")
-        assert (
-            request(server.port, "POST", "/messages", {"text": "x"}, source="127.0.4.3")[0] == 429
-        )
         with joined(server, "127.0.4.4", name="calm") as (calm, _):
             calm.send("calm over websocket")
             receive_until(calm, lambda frames: frames and frames[-1]["name"] == "calm")
