@@ -3010,15 +3010,19 @@ def test_behind_the_proxy_two_forwarded_addresses_get_two_limits_on_websockets_a
         async with connect_from(proxied_server, "127.0.0.1", "/ws", additional_headers=claim) as ws:
             return await send_and_wait_for_answers(ws, BURST, name)
 
-    assert run_async(run("198.51.100.1", "one")) == BURST
+    began = time.monotonic()
+    stored = run_async(run("198.51.100.1", "one"))
+    statuses = flood(proxied_server.port, ["198.51.100.1"], count=10)  # its HTTP posts share it
+    assert stored + statuses.count(201) <= most_allowed(time.monotonic() - began)
     assert run_async(run("198.51.100.2", "other")) == BURST  # not the limit of the first
-    assert flood(proxied_server.port, ["198.51.100.1"], count=1) == [429]  # its HTTP shares it
     assert flood(proxied_server.port, ["198.51.100.3"], count=1) == [201]
 
 
 def test_one_ipv6_64_is_one_voice_behind_the_proxy_on_http_and_websockets(proxied_server):
     # one machine makes up addresses in its /64 at will: a new one for each post
-    assert 429 in flood(proxied_server.port, [f"2001:db8:1:2::{n:x}" for n in range(1, 30)])
+    began = time.monotonic()
+    statuses = flood(proxied_server.port, [f"2001:db8:1:2::{n:x}" for n in range(1, 61)], count=60)
+    assert statuses.count(201) <= most_allowed(time.monotonic() - began)
     assert flood(proxied_server.port, ["2001:db8:1:3::1"], count=1) == [201]  # the next /64
 
     async def run():
