@@ -24,7 +24,9 @@ import contextlib
 import datetime
 import functools
 import hashlib
+import hmac
 import http
+import http.cookies
 import ipaddress
 import json
 import logging
@@ -51,6 +53,7 @@ if sys.modules["numpy"] is None:
     del sys.modules["numpy"]
 from cgi import parse_multipart  # after hug, which imported it already: no second warning
 
+import segno
 import waitress
 import waitress.wasyncore
 from falcon.util.uri import parse_query_string
@@ -75,7 +78,12 @@ MAX_NAME = 32
 MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
 MAX_BODY = 64 * 1024  # bytes (65,536) of an HTTP body at most; a bigger one gets 413 (waitress)
-BURST, PER_SECOND = 20, 10  # rate limit of each websocket connection and HTTP client
+BURST, PER_SECOND = 20, 10  # rate limit of each client address: its websockets and HTTP posts
+
+# One voice per client address (see Room.check_rate() and check_request())
+MAX_PER_ADDRESS = 100  # websocket connections open at once from one address: an office's NAT fits
+JOIN_BURST, JOINS_PER_SECOND = 100, 2  # handshakes one address may make at once, then a second
+MAX_ADDRESSES = 10_000  # addresses whose buckets the room remembers; the least recent is forgotten
 
 # The room
 HISTORY_ON_CONNECT = 50  # messages a client gets on connect without since=
@@ -131,7 +139,11 @@ class Room:
         self.online = collections.Counter()
         self.presence_changes = []  # joins, leaves and renames not yet sent
         self.presence_sent = 0.0  # loop time of the last presence frame
-        self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
+        # One voice per client address: a rate limit for messages and renames, websocket and
+        # HTTP alike, a bucket of joins, and a count of its open websocket connections.
+        self.message_buckets = Buckets(BURST, PER_SECOND)
+        self.join_buckets = Buckets(JOIN_BURST, JOINS_PER_SECOND)
+        self.connections_from = collections.Counter()  # client address -> open websockets
 
     async def post(self, name, text, ref=None):
         """Store a message and send it to everyone; returns the stored message and True.
@@ -275,12 +287,21 @@ class Room:
         self.guests += 1
         return f"guest-{self.guests}"
 
-    def check_http_rate(self, address):
-        """The same limit for HTTP posts as for a websocket, per client address."""
-        if len(self.http_buckets) > 10_000:  # bounded: forgetting gives everyone a fresh burst
-            self.http_buckets.clear()
-        if not self.http_buckets.setdefault(address, TokenBucket()).take():
+    def check_rate(self, address):
+        """One limit per client address, shared by all its websocket connections and HTTP posts:
+        two tabs of one person are one person, and a script cannot open its way around it."""
+        if not self.message_buckets.take(address):
             raise TooFast()
+
+    def connected(self, address):
+        """A websocket from this address was let in (check_request)."""
+        self.connections_from[address] += 1
+
+    def disconnected(self, address):
+        """That websocket is gone, however it ended (ChatConnection.connection_lost)."""
+        self.connections_from[address] -= 1
+        if not self.connections_from[address]:
+            del self.connections_from[address]  # bounded by the connections open now
 
     async def health(self):
         return {
@@ -456,19 +477,37 @@ def utc_now():
 
 
 class TokenBucket:
-    """BURST messages at once, then PER_SECOND a second: a person never notices, a script does."""
+    """`burst` at once, then `per_second` a second: a person never notices, a script does."""
 
-    def __init__(self):
-        self.tokens, self.last = BURST, time.monotonic()
+    def __init__(self, burst=BURST, per_second=PER_SECOND):
+        self.burst, self.per_second = burst, per_second
+        self.tokens, self.last = burst, time.monotonic()
 
     def take(self):
         now = time.monotonic()
-        self.tokens = min(BURST, self.tokens + (now - self.last) * PER_SECOND)
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_second)
         self.last = now
         if self.tokens < 1:
             return False
         self.tokens -= 1
         return True
+
+
+class Buckets:
+    """A TokenBucket per client address, bounded: past MAX_ADDRESSES the one used least recently
+    is forgotten. It has most likely filled up again, and forgetting it gives at worst a fresh
+    burst to one address (clearing them all, as before, gave one to everyone at once)."""
+
+    def __init__(self, burst, per_second):
+        self.burst, self.per_second = burst, per_second
+        self.buckets = {}  # address -> TokenBucket, the least recently used first
+
+    def take(self, address):
+        bucket = self.buckets.pop(address, None) or TokenBucket(self.burst, self.per_second)
+        self.buckets[address] = bucket  # now the most recently used: it goes last
+        if len(self.buckets) > MAX_ADDRESSES:
+            del self.buckets[next(iter(self.buckets))]
+        return bucket.take()
 
 
 # --- The websocket handlers -----------------------------------------------------------
@@ -494,11 +533,11 @@ async def echo(connection):
 async def chat(connection):
     """One client in the room: history first, then its frames until it goes."""
     name, since, errors = read_query(connection)
+    address = voice_of(client_address(connection))
     await room.join(connection, name, since)
     try:
         for error in errors:  # a bad name or since in the URL: said once the client listens
             await send_error(connection, error)
-        bucket = TokenBucket()
         async for frame in connection:
             data = {}
             try:
@@ -506,8 +545,7 @@ async def chat(connection):
                 if data.get("type") == "ping":  # the page's heartbeat: answered, not counted
                     await connection.send(json.dumps({"type": "pong"}))
                     continue
-                if not bucket.take():
-                    raise TooFast()
+                room.check_rate(address)  # messages and renames: one limit per address
                 await handle_frame(connection, data)
             except (BadInput, RoomUnavailable) as error:
                 await send_error(connection, str(error), data.get("ref"))
@@ -595,8 +633,10 @@ def read_query(connection):
 
 def check_request(connection, request, max_clients):
     """Refuse unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
-    (403 or 400) and a full room (503)."""
-    if urllib.parse.urlsplit(request.path).path not in (*ROOM_PATHS, "/echo"):
+    (403 or 400), a handshake without the room key (401), a full room (503), and an address
+    past its share (429); count the rest in."""
+    url = urllib.parse.urlsplit(request.path)
+    if url.path not in (*ROOM_PATHS, "/echo"):
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
     for header in ("Host", "Origin"):  # headers.get() raises MultipleValuesError on two (a 500)
         if len(request.headers.get_all(header)) > 1:
@@ -607,11 +647,77 @@ def check_request(connection, request, max_clients):
     if refusal:
         status, _, reason = refusal
         return connection.respond(status, reason + "\n")
+    if policy.key and not policy.admits(handshake_keys(request)):
+        refused = connection.respond(http.HTTPStatus.UNAUTHORIZED, policy.how_to_get_in() + "\n")
+        refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
+        return refused
     if is_full(connection.server, max_clients):
         return connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
         )
+    address = voice_of(client_address(connection))
+    reason = address_refusal(address)
+    if reason:
+        refused = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
+        refused.headers["Retry-After"] = "1"
+        return refused
+    connection.counted_in = room, address  # and counted out when the connection is lost
+    room.connected(address)
     return None
+
+
+def handshake_keys(request):
+    """The room keys a handshake brings (see presented_keys())."""
+    url, headers = urllib.parse.urlsplit(request.path), request.headers
+    return presented_keys(url.query, headers.get_all("Authorization"), headers.get_all("Cookie"))
+
+
+def address_refusal(address):
+    """Why one more websocket from this address is refused; None when it is welcome.
+
+    A join costs every client a presence change: one address connecting in a loop made the
+    server send 275 KB/s of them to everyone. A phone that reconnects now and then never
+    comes near JOIN_BURST; a loop empties it and then gets JOINS_PER_SECOND.
+    """
+    if room.connections_from[address] >= MAX_PER_ADDRESS:
+        return (
+            f"{MAX_PER_ADDRESS} websocket connections from your address are open already: "
+            "close one first"
+        )
+    if not room.join_buckets.take(address):
+        return "connecting too often from your address: wait a few seconds"
+    return None
+
+
+def client_address(connection):
+    """The address of the client at the other end of a websocket connection.
+
+    Behind the proxy (--public-url) every connection comes from the proxy on 127.0.0.1, so
+    the client is the last address that proxy added to X-Forwarded-For, as waitress reads it
+    for HTTP (trusted_proxy). From anyone else, or without --public-url, the header is
+    ignored: a client cannot pick its own address.
+    """
+    peer = connection.remote_address[0]
+    if policy.public_url and peer == PROXY:
+        forwarded = ",".join(connection.request.headers.get_all("X-Forwarded-For"))
+        with contextlib.suppress(ValueError):  # none, or no address: the proxy's own then
+            return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
+    return peer
+
+
+def voice_of(address):
+    """What one person's client address is, for the limits per address: an IPv6 address's /64
+    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
+    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # no address at all (a test's fake client): itself
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return address
 
 
 def is_full(server, max_clients):
@@ -630,6 +736,7 @@ class ChatConnection(ServerConnection):
     """
 
     waiting_for_client = False
+    counted_in = None  # the room and client address check_request() counted it under
 
     def __init__(self, *args, max_connections, handshakes, **kwargs):
         super().__init__(*args, **kwargs)
@@ -654,8 +761,13 @@ class ChatConnection(ServerConnection):
             self.handshakes.discard(self)
 
     def connection_lost(self, exc):
+        """However it ends (a handshake refused later, a close, a lost network), count it out."""
         self.handshakes.discard(self)
         super().connection_lost(exc)
+        if self.counted_in:
+            counted_room, address = self.counted_in
+            counted_room.disconnected(address)
+            self.counted_in = None
 
     def pause_writing(self):
         super().pause_writing()
@@ -754,7 +866,8 @@ def send_message(
 
 def add_http_message(request, response, name, text, ref):
     try:
-        message, stored_now = ask_room(post_in_room(request.remote_addr, name, text, ref))
+        address = voice_of(request.remote_addr)  # waitress's: the proxy's X-Forwarded-For behind it
+        message, stored_now = ask_room(post_in_room(address, name, text, ref))
         if not stored_now:
             response.status = hug.HTTP_200  # stored before, under this ref: nothing new
         return message
@@ -765,7 +878,7 @@ def add_http_message(request, response, name, text, ref):
 
 
 async def post_in_room(address, name, text, ref):
-    room.check_http_rate(address)
+    room.check_rate(address)
     return await room.post(name or room.guest_name(), text, ref)
 
 
@@ -797,6 +910,9 @@ def config():
 @hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
 def page(request, response):
     """Read on every request, so that an edit to chat.html shows on reload."""
+    query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
+    if policy.key and any(name == "key" for name, _ in query):
+        return keep_the_key_in_a_cookie(request, response, query)
     html = PAGE.read_text(encoding="utf-8")
     # The name as the browser wrote it ("localhost." too: the CSP must name what it connects
     # to), not falcon's request.host, which raises for "Host: localhost:" (a 500).
@@ -804,6 +920,17 @@ def page(request, response):
     host = host_and_port(host)[0] if host else request.env["SERVER_NAME"]
     response.set_header("Content-Security-Policy", page_policy(html, host))
     return html
+
+
+def keep_the_key_in_a_cookie(request, response, query):
+    """The link's ?key= goes into a cookie, and the browser to the same page without it (303):
+    the key stays out of the address bar, the history and a photo of the projector."""
+    if policy.admits([value for name, value in query if name == "key"]):  # not the old cookie's
+        response.append_header("Set-Cookie", policy.key_cookie())
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "key"])
+    response.status = hug.HTTP_303
+    response.set_header("Location", request.path + (f"?{rest}" if rest else ""))
+    return ""
 
 
 def page_policy(html, host):
@@ -871,10 +998,11 @@ class Policy:
     for, with --allow-host and --public-url. Any other Host is refused, naming the fix.
     """
 
-    def __init__(self, http_port=8000, allowed_hosts=(), public_url=None):
+    def __init__(self, http_port=8000, allowed_hosts=(), public_url=None, key=None):
         self.http_port = http_port
         # e.g. https://chat.example.org: the page's origin behind a proxy
         self.public_url = public_url
+        self.key = key  # the room key; None where no stranger can reach the chat (see below)
         self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
         if public_url:
             self.names.add(host_name(urllib.parse.urlsplit(public_url).netloc))
@@ -918,8 +1046,62 @@ class Policy:
             return self.public_url
         return f"http://{url_host(host_name(host))}:{self.http_port}"
 
+    def admits(self, keys):
+        """Whether one of the keys a request brings is the room key (always, without one).
+
+        compare_digest takes as long whatever the keys hold: a wrong guess tells nothing about
+        how much of it was right.
+        """
+        if self.key is None:
+            return True
+        room_key = self.key.encode()
+        return any(hmac.compare_digest(key.encode("utf-8", "replace"), room_key) for key in keys)
+
+    def how_to_get_in(self):
+        return (
+            "this chat needs its room key: open the link the chat printed at start "
+            "(its ?key=...), or send Authorization: Bearer KEY"
+        )
+
+    def cookie_name(self):
+        """Cookies are per host, not per port: named after the page origin's port, two chats on
+        one machine keep a cookie each, and processes behind one proxy share one."""
+        return f"chat-key-{origin_parts(self.page_origin('localhost'))[2]}"
+
+    def key_cookie(self):
+        """The Set-Cookie header that keeps the key in the page's browser.
+
+        HttpOnly: the page's script never sees it. SameSite=Lax: no other site's page sends it
+        along in the background (the Origin checks stop those too), but a link to the chat
+        clicked on another site still arrives with it after the redirect, where Strict would
+        leave it behind. Secure behind https. A session cookie: it goes with the browser.
+        """
+        cookie = http.cookies.SimpleCookie()
+        cookie[self.cookie_name()] = self.key
+        morsel = cookie[self.cookie_name()]
+        morsel.update({"path": "/", "httponly": True, "samesite": "Lax"})
+        morsel["secure"] = bool(self.public_url and self.public_url.startswith("https:"))
+        return morsel.OutputString()
+
 
 policy = Policy()  # the policy of this process; Servers makes it with the real port
+
+
+def presented_keys(query, authorizations, cookies):
+    """The room keys a request brings: ?key= (a link, curl, python -m websockets), the page's
+    cookie (a browser's websocket cannot send headers, but it sends the host's cookies), and
+    Authorization: Bearer KEY (scripts: not in URLs, so not in logs or history)."""
+    keys = urllib.parse.parse_qs(query).get("key", [])
+    for authorization in authorizations:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            keys.append(credentials.strip())
+    jar = http.cookies.SimpleCookie()
+    with contextlib.suppress(http.cookies.CookieError):  # a malformed cookie brings no key
+        jar.load("; ".join(cookies))
+    if policy.cookie_name() in jar:
+        keys.append(jar[policy.cookie_name()].value)
+    return keys
 
 
 @hug.request_middleware(api=api)
@@ -931,6 +1113,46 @@ def check_http_request(request, response):
     if refusal:
         status, header, reason = refusal
         refuse(response, f"{status.value} {status.phrase}", {header: reason})  # "403 Forbidden"
+
+
+@hug.request_middleware(api=api)
+def check_room_key(request, response):
+    """Where strangers can reach the chat, only those with the room key get anything but /health
+    (for monitors): a JSON 401 that says how to get in, or for the page a page that says it."""
+    if policy.key is None or request.path == "/health":
+        return
+    authorization = request.get_header("Authorization")
+    keys = presented_keys(
+        request.query_string,
+        [authorization] if authorization else [],
+        [request.get_header("Cookie") or ""],
+    )
+    if policy.admits(keys):
+        return
+    response.set_header("WWW-Authenticate", "Bearer")  # what a 401 must say: how to get in
+    if request.path in ("/", "/chat"):
+        refuse_page(response)
+    else:
+        refuse(response, "401 Unauthorized", {"key": policy.how_to_get_in()})
+
+
+KEY_PAGE = """<!doctype html>
+<html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>chat: the link, please</title>
+<h1>This chat needs its room key</h1>
+<p>Open the link the chat printed when it started (it ends in <code>?key=...</code>),
+or scan its QR code. Ask the person who runs the chat for it.</p>
+</html>
+"""
+
+
+def refuse_page(response):
+    """The page's 401: a person who opened the bare address learns how to get in."""
+    response.status = "401 Unauthorized"
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", "default-src 'none'")
+    response.body = KEY_PAGE
+    response.complete = True
 
 
 def refuse(response, status, errors):
@@ -1168,6 +1390,7 @@ class Servers:
         redis_url=None,
         allowed_hosts=(),
         public_url=None,
+        key=None,
     ):
         self.http_connections, self.max_clients, self.max_connections = connection_limits(
             raise_fd_limit()
@@ -1181,7 +1404,7 @@ class Servers:
             self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))
             self.port = int(self.http_server.effective_port)
             global policy
-            policy = Policy(self.port, allowed_hosts, public_url)
+            policy = Policy(self.port, allowed_hosts, public_url, key)
             starting = self.start_websockets(host, ws_port, history, redis_url)
             self.ws_server = ask_loop(self.loop, starting, timeout=10)
             self.room = room  # the module's `room` too, which the handlers use
@@ -1380,6 +1603,7 @@ def main(argv=None):
             args.redis,
             args.allow_host,
             args.public_url,
+            args.key,
         )
     except RoomUnavailable as error:
         print(f"chat.py: error: {error}", file=sys.stderr)
@@ -1392,19 +1616,37 @@ def main(argv=None):
         return 2
 
     addresses = reachable_addresses(args.host)
+    with_key = f"?key={args.key}" if args.key else ""  # the link people open: the key goes with it
     for address in addresses:  # the first two lines are machine-readable: tests and tools read them
-        print(f"Chat page:  http://{url_host(address)}:{servers.port}/", flush=True)
-        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/", flush=True)
+        print(f"Chat page:  http://{url_host(address)}:{servers.port}/{with_key}", flush=True)
+        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)
     if args.public_url:
-        print(f"Public:     {args.public_url}/ (through the proxy)", flush=True)
+        print(f"Public:     {args.public_url}/{with_key} (through the proxy)", flush=True)
+    if args.no_key:
+        print(
+            f"No room key (--no-key): anyone who can reach port {servers.port} is in.", flush=True
+        )
+    if not is_loopback(args.host):
+        print_qr_code(f"http://{url_host(addresses[0])}:{servers.port}/{with_key}")
     if args.open:
-        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/")
+        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/{with_key}")
 
     while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
         pass
     servers.stop()
     print("Stopped.", flush=True)
     return 0
+
+
+def print_qr_code(url):
+    """The first page URL as a QR code, for phones: half blocks, two rows of modules a line.
+
+    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
+    often do not read. A terminal that cannot show the blocks gets no QR code.
+    """
+    with contextlib.suppress(UnicodeEncodeError):
+        segno.make_qr(url).terminal(out=sys.stdout, compact=True)
+    sys.stdout.flush()
 
 
 def reachable_addresses(host):
@@ -1466,7 +1708,57 @@ def parse_args(argv):
         type=public_url,
         help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--key",
+        type=room_key_argument,
+        help="the room key people need, so a restart keeps the link (default: a new random one "
+        "when --host is not loopback or with --public-url; the same one for every --redis process)",
+    )
+    parser.add_argument(
+        "--no-key",
+        action="store_true",
+        help="no room key even where strangers can reach the chat: anyone who can reach it is in",
+    )
+    args = parser.parse_args(argv)
+    choose_room_key(parser, args)
+    return args
+
+
+def choose_room_key(parser, args):
+    """A key wherever strangers can reach the chat: a --host that is not loopback, --public-url.
+
+    Several processes of one room (--redis) must accept one key: each would make its own, so
+    they are given the same --key (the docs say so).
+    """
+    exposed = args.public_url or not is_loopback(args.host)
+    if args.key and args.no_key:
+        parser.error("--key and --no-key: choose one")
+    if args.no_key or args.key or not exposed:
+        args.no_key = args.no_key and exposed  # --no-key on loopback changes nothing
+        return
+    if args.redis:
+        parser.error(
+            "--redis where strangers can reach the chat: give every process the same --key KEY "
+            "(make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
+    args.key = secrets.token_urlsafe(16)
+
+
+def is_loopback(host):
+    """Whether only this machine can reach an address to bind: 127.0.0.1, ::1, localhost."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
+def room_key_argument(value):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,200}", value):
+        raise argparse.ArgumentTypeError(
+            "a room key is 16 or more letters, digits, - or _ (make one: "
+            "python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
+    return value
 
 
 def host_name_argument(value):

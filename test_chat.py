@@ -33,6 +33,7 @@ import engines
 # isort: split
 import hug
 import pytest
+import segno
 import websockets
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,13 +195,15 @@ def receive(ws, kind, timeout=5):
 
 
 @contextlib.contextmanager
-def joined(servers, **query):
-    """A sync websocket client in the room, and the history it got first (all its pieces).
+def joined(servers, source="127.0.0.1", **query):
+    """A sync websocket client in the room, from address `source`, and the history it got first
+    (all its pieces).
 
     max_queue=None: it reads everything the server sends at once, so a test that leaves
     frames unread does not look like a slow reader to the server.
     """
-    with connect(ws_url(servers, **query), open_timeout=5, max_queue=None) as ws:
+    url = ws_url(servers, **query)
+    with connect(url, open_timeout=5, max_queue=None, source_address=(source, 0)) as ws:
         yield ws, receive_history(ws)
 
 
@@ -695,7 +698,10 @@ def chat_from_everywhere(ws_senders, listeners, http_senders):
             )
 
     async def run():
-        clients = [await async_connect(url, max_queue=None) for url in ws_senders + listeners]
+        clients = [  # each from an address of its own: the rate limit is per address
+            await async_connect(url, max_queue=None, local_addr=(f"127.0.1.{n}", 0))
+            for n, url in enumerate(ws_senders + listeners, 1)
+        ]
         for ws in clients:  # everyone is in the room before the first message
             assert json.loads(await ws.recv())["type"] == "history"
         received = asyncio.gather(*(collect_messages(ws, total) for ws in clients))
@@ -869,8 +875,9 @@ class ChatProcess:
 
     def urls(self):
         page, websocket = self.lines.get(timeout=15), self.lines.get(timeout=5)
-        self.port = int(page.rsplit(":", 1)[1].strip("/\n"))
-        self.ws_port = int(websocket.rsplit(":", 1)[1].strip("/\n"))
+        page_url, ws_url = (urllib.parse.urlsplit(line.split()[-1]) for line in (page, websocket))
+        self.port, self.ws_port = page_url.port, ws_url.port
+        self.key = urllib.parse.parse_qs(page_url.query).get("key", [None])[0]  # the room key
         return page, websocket
 
     def stop(self):
@@ -967,7 +974,10 @@ def test_429_says_retry_after_1_second(server):
 
 
 def test_a_flooding_websocket_does_not_stop_anyone_else(server):
-    with joined(server, name="flood") as (flood, _), joined(server, name="calm") as (calm, _):
+    with (
+        joined(server, name="flood") as (flood, _),
+        joined(server, "127.0.0.8", name="calm") as (calm, _),
+    ):
         began = time.monotonic()
         for n in range(60):
             flood.send(f"flood {n}")
@@ -1137,10 +1147,13 @@ def assert_room_is_sound(server):
 
 
 def test_fuzzed_frames_get_answers_and_keep_the_room_sound(server):
+    # each example from an address of its own: the limits are per address, and this is no flood
+    people = (f"127.0.{5 + n // 250}.{1 + n % 250}" for n in range(10_000))
+
     @settings(max_examples=120, deadline=None, database=None)
     @given(st.lists(frames, min_size=1, max_size=6))
     def check(batch):
-        with joined(server) as (ws, _):
+        with joined(server, next(people)) as (ws, _):
             for frame in batch:
                 ws.send(frame)
             ws.send("end of batch")  # every frame before it has been answered when it comes back
@@ -1595,7 +1608,9 @@ def soak_and_check(servers):
         while asyncio.get_running_loop().time() < deadline:
             since = seen[n][-1] if seen[n] else 0
             async with async_connect(
-                ws_url(servers, name=f"soak{n}", since=since), max_queue=None
+                ws_url(servers, name=f"soak{n}", since=since),
+                max_queue=None,
+                local_addr=(f"127.0.2.{n + 1}", 0),  # 100 people: each an address of its own
             ) as ws:
                 resumes[0] += 1
                 stay = rng.uniform(0.2, 3)
@@ -1626,7 +1641,8 @@ def soak_and_check(servers):
 
     async def catch_up(n, last_id):
         since = seen[n][-1] if seen[n] else 0
-        async with async_connect(ws_url(servers, since=since), max_queue=None) as ws:
+        url = ws_url(servers, since=since)
+        async with async_connect(url, max_queue=None, local_addr=(f"127.0.2.{n + 1}", 0)) as ws:
             while not seen[n] or seen[n][-1] < last_id:
                 record(n, json.loads(await asyncio.wait_for(ws.recv(), 10)))
 
@@ -2797,14 +2813,15 @@ def test_host_0_0_0_0_prints_addresses_people_can_open_never_0_0_0_0(chat_proces
     while not lines[-1].startswith("Websocket:  ws://127.0.0.1:"):  # loopback comes last
         lines.append(process.lines.get(timeout=5))
     assert "0.0.0.0" not in "".join(lines)
+    key = f"?key={process.key}"  # a room key: strangers can reach this chat
     assert lines[-2:] == [
-        f"Chat page:  http://127.0.0.1:{process.port}/\n",
-        f"Websocket:  ws://127.0.0.1:{process.ws_port}/\n",
+        f"Chat page:  http://127.0.0.1:{process.port}/{key}\n",
+        f"Websocket:  ws://127.0.0.1:{process.ws_port}/{key}\n",
     ]
     for page_line, ws_line in zip(lines[::2], lines[1::2], strict=True):
         address = page_line.split("//")[1].split(":")[0]
-        assert page_line == f"Chat page:  http://{address}:{process.port}/\n"
-        assert ws_line == f"Websocket:  ws://{address}:{process.ws_port}/\n"
+        assert page_line == f"Chat page:  http://{address}:{process.port}/{key}\n"
+        assert ws_line == f"Websocket:  ws://{address}:{process.ws_port}/{key}\n"
         assert (
             request(process.port, "GET", "/health", headers={"Host": f"{address}:{process.port}"})[
                 0
@@ -2883,7 +2900,7 @@ def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_
     lan = urllib.parse.urlsplit(first_page).hostname
     if lan != "127.0.0.1":
         hosts.append(lan)
-    pages = [open_page(url=f"http://{host}:{process.port}/") for host in hosts]
+    pages = [open_page(url=f"http://{host}:{process.port}/?key={process.key}") for host in hosts]
     for host, page in zip(hosts, pages, strict=True):
         say(page, f"from {host}")
         expect(texts(page).last).to_have_text(f"from {host}")  # stored before the next one is sent
@@ -2899,6 +2916,7 @@ def test_browser_the_page_works_from_127_0_0_1_localhost_and_a_lan_address(chat_
 # chat.py --redis, and two pages in Chromium over https and wss.
 
 PUBLIC = "https://chat.example.org"
+ROOM_KEY = "a-room-key-for-the-tests-0123"  # what --key takes: 16 or more of [A-Za-z0-9_-]
 
 
 @pytest.fixture
@@ -3120,9 +3138,11 @@ def behind_nginx(tmp_path, redis_server, chat_process):
         timeout=30,
     )
     nginx = Nginx(nginx_binary, tmp_path)
+    nginx.key = ROOM_KEY  # every process of one room is given the same --key
     nginx.chat_processes = [
         chat_process(
-            "--port", "0", "--ws-port", "0", "--redis", redis_server.url, "--public-url", nginx.url
+            *("--port", "0", "--ws-port", "0", "--redis", redis_server.url),
+            *("--public-url", nginx.url, "--key", nginx.key),
         )
         for _ in range(2)
     ]
@@ -3140,7 +3160,12 @@ def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_
     from playwright.sync_api import expect
 
     sockets = []
-    alice, bob = (open_page(url=f"{behind_nginx.url}/", ignore_https_errors=True) for _ in range(2))
+    link = f"{behind_nginx.url}/?key={behind_nginx.key}"
+    alice, bob = (open_page(url=link, ignore_https_errors=True) for _ in range(2))
+    assert alice.url == bob.url == f"{behind_nginx.url}/"  # the key went into a cookie:
+    assert [(c["secure"], c["httpOnly"], c["sameSite"]) for c in alice.context.cookies()] == [
+        (True, True, "Lax")  # Secure behind https
+    ]
     for page in (alice, bob):
         page.on("websocket", lambda ws: sockets.append(ws.url))
     say(alice, "one")
@@ -3178,7 +3203,7 @@ def test_behind_nginx_a_foreign_host_and_a_foreign_origin_are_still_refused(behi
 
 
 def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_process):
-    url = f"wss://localhost:{behind_nginx.https_port}/ws"
+    url = f"wss://localhost:{behind_nginx.https_port}/ws?key={behind_nginx.key}"
     with connect(
         url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url, max_queue=None
     ) as ws:
@@ -3189,6 +3214,418 @@ def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_pr
             while True:
                 ws.recv(timeout=5)
         assert closed.value.rcvd.code == 1001
+
+
+# --- One voice per address, and a room key where strangers can reach the chat (issue 19) --
+# Each client address is one person to the chat: the tests' clients use loopback addresses of
+# their own (127.0.0.0/8 is all this machine), as many people would. The room key:
+# Servers(key=...), as main() gives it for a --host that is not loopback or --public-url.
+
+
+@pytest.fixture
+def keyed_server():
+    with running_servers(key=ROOM_KEY) as servers:
+        yield servers
+
+
+def connect_from(servers, source, path="/", **options):
+    """An asyncio websocket client from address `source`, that reads whatever comes."""
+    return async_connect(
+        ws_url(servers, path), max_queue=None, open_timeout=5, local_addr=(source, 0), **options
+    )
+
+
+async def send_and_wait_for_answers(ws, count, name):
+    """Sends `count` messages with refs; waits until each was stored or refused. How many
+    were stored."""
+    refs = {f"{name}-{n}" for n in range(count)}
+    for ref in sorted(refs):
+        await ws.send(json.dumps({"type": "message", "text": ref, "ref": ref}))
+    stored = 0
+    while refs:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if frame.get("ref") in refs and frame["type"] in ("message", "error"):
+            refs.remove(frame["ref"])
+            stored += frame["type"] == "message"
+    return stored
+
+
+def test_40_connections_of_one_address_store_no_more_than_one_connection_would(server):
+    async def run():
+        clients = [await connect_from(server, "127.0.4.1") for _ in range(40)]
+        began = time.monotonic()
+        stored = await asyncio.gather(
+            *(send_and_wait_for_answers(ws, BURST, f"c{n}") for n, ws in enumerate(clients))
+        )
+        took = time.monotonic() - began
+        for ws in clients:
+            await ws.close()
+        return sum(stored), took
+
+    stored, took = run_async(run())
+    assert BURST <= stored <= most_allowed(took)  # 40 bursts of 20 were 800 messages
+    assert len(stored_texts(server.port)) == stored
+
+
+def test_the_http_posts_of_an_address_share_the_limit_of_its_websockets(server):
+    began = time.monotonic()
+    with joined(server, "127.0.4.2") as (ws, _):
+        for n in range(BURST):
+            ws.send(f"ws {n}")
+        receive_until(ws, lambda frames: len(frames) == BURST)  # its burst, stored
+        statuses = [
+            post(server.port, "/messages", {"text": f"http {n}"}, source="127.0.4.2")[0]
+            for n in range(10)
+        ]
+    took = time.monotonic() - began
+    assert set(statuses) <= {201, 429}
+    assert len(stored_texts(server.port)) <= most_allowed(took)  # only what the burst refilled
+
+
+def test_an_address_past_its_limit_leaves_another_address_untouched(server):
+    with joined(server, "127.0.4.3") as (flood, _):
+        for n in range(3 * BURST):
+            flood.send(f"flood {n}")
+        assert receive(flood, "error")["error"].startswith("too many messages too fast")
+        with joined(server, "127.0.4.4", name="calm") as (calm, _):
+            calm.send("calm over websocket")
+            receive_until(calm, lambda frames: frames and frames[-1]["name"] == "calm")
+        status, _ = post(server.port, "/messages", {"text": "calm over HTTP"}, source="127.0.4.4")
+    assert status == 201
+    assert stored_texts(server.port)[-2:] == ["calm over websocket", "calm over HTTP"]
+
+
+def presence_bytes_bound(seconds):
+    """The most presence an address that joins in a loop may cost another client: each join it
+    is let in for and its leave, at most 40 bytes each, and a frame's own 60 bytes at most every
+    PRESENCE_EVERY; "a few KB" for 5 s."""
+    joins = chat.JOIN_BURST + chat.JOINS_PER_SECOND * seconds
+    return 2 * joins * 40 + (seconds / PRESENCE_EVERY + 2) * 60
+
+
+def test_an_address_connecting_in_a_loop_for_5_s_costs_others_only_a_few_kb_of_presence(server):
+    refusals = []
+
+    async def join_and_leave_in_a_loop():
+        began = time.monotonic()
+        while time.monotonic() - began < 5 or not refusals and time.monotonic() - began < 30:
+            try:
+                async with connect_from(server, "127.0.4.6"):
+                    pass
+            except websockets.exceptions.InvalidStatus as refused:
+                refusals.append(refused.response)
+        return time.monotonic() - began
+
+    with joined(server, "127.0.4.5", name="watcher") as (watcher, _):
+        took = run_async(join_and_leave_in_a_loop())
+        with joined(server, "127.0.4.7", name="marker"):  # presence comes in order: all came
+            presence = []
+            while not presence or '"joined": "marker"' not in presence[-1]:
+                frame = watcher.recv(timeout=5)
+                if json.loads(frame)["type"] == "presence":
+                    presence.append(frame)
+    cost = sum(len(frame.encode()) for frame in presence)
+    assert cost <= presence_bytes_bound(took) < 11_000  # it was 275 KB a second
+    assert refusals[0].status_code == 429 and refusals[0].headers["Retry-After"] == "1"
+    assert b"connecting too often from your address" in refusals[0].body
+
+
+def test_past_100_connections_an_address_is_refused_while_another_address_still_joins(server):
+    async def run():
+        clients = [await connect_from(server, "127.0.4.8") for _ in range(chat.MAX_PER_ADDRESS)]
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await connect_from(server, "127.0.4.8")
+        async with connect_from(server, "127.0.4.9") as other:
+            assert json.loads(await other.recv())["type"] == "history"
+        for ws in clients:
+            await ws.close()
+        return refused.value.response
+
+    refusal = run_async(run())
+    assert refusal.status_code == 429
+    assert b"100 websocket connections from your address are open already" in refusal.body
+
+    def comes_back():
+        with contextlib.suppress(websockets.exceptions.InvalidStatus), joined(server, "127.0.4.8"):
+            return True  # once its join bucket lets it: the 100 were counted out
+        return False
+
+    wait_until(comes_back, what="the address getting in again once its connections closed")
+
+
+def test_x_forwarded_for_of_a_handshake_from_anyone_but_the_proxy_is_ignored(proxied_server):
+    async def run():
+        # two connections from 127.0.0.2 that claim two addresses: one address, one limit
+        claims = [{"X-Forwarded-For": address} for address in ("198.51.100.7", "198.51.100.8")]
+        began = time.monotonic()
+        stored = 0
+        for n, claim in enumerate(claims):
+            async with connect_from(
+                proxied_server, "127.0.0.2", "/ws", additional_headers=claim
+            ) as ws:
+                stored += await send_and_wait_for_answers(ws, BURST, f"claim{n}")
+        return stored, time.monotonic() - began
+
+    stored, took = run_async(run())
+    assert stored <= most_allowed(took)
+
+
+def test_behind_the_proxy_two_forwarded_addresses_get_two_limits_on_websockets_and_http(
+    proxied_server,
+):
+    async def run(forwarded_for, name):
+        # through the proxy: every connection comes from 127.0.0.1
+        claim = {"X-Forwarded-For": forwarded_for}
+        async with connect_from(proxied_server, "127.0.0.1", "/ws", additional_headers=claim) as ws:
+            return await send_and_wait_for_answers(ws, BURST, name)
+
+    began = time.monotonic()
+    stored = run_async(run("198.51.100.1", "one"))
+    statuses = flood(proxied_server.port, ["198.51.100.1"], count=10)  # its HTTP posts share it
+    assert stored + statuses.count(201) <= most_allowed(time.monotonic() - began)
+    assert run_async(run("198.51.100.2", "other")) == BURST  # not the limit of the first
+    assert flood(proxied_server.port, ["198.51.100.3"], count=1) == [201]
+
+
+def test_one_ipv6_64_is_one_voice_behind_the_proxy_on_http_and_websockets(proxied_server):
+    # one machine makes up addresses in its /64 at will: a new one for each post
+    began = time.monotonic()
+    statuses = flood(proxied_server.port, [f"2001:db8:1:2::{n:x}" for n in range(1, 61)], count=60)
+    assert statuses.count(201) <= most_allowed(time.monotonic() - began)
+    assert flood(proxied_server.port, ["2001:db8:1:3::1"], count=1) == [201]  # the next /64
+
+    async def run():
+        claims = [{"X-Forwarded-For": f"2001:db8:1:4::{n}"} for n in (1, 2)]
+        began, stored = time.monotonic(), 0
+        for n, claim in enumerate(claims):
+            async with connect_from(
+                proxied_server, "127.0.0.1", "/ws", additional_headers=claim
+            ) as ws:
+                stored += await send_and_wait_for_answers(ws, BURST, f"v6-{n}")
+        return stored, time.monotonic() - began
+
+    stored, took = run_async(run())
+    assert stored <= most_allowed(took)
+
+
+# The room key
+
+
+def with_key(way, key=ROOM_KEY):
+    """A request's path suffix and headers that bring `key` in one of the three ways."""
+    return {
+        "query": ("?key=" + key, {}),
+        "bearer": ("", {"Authorization": f"Bearer {key}"}),
+        "cookie": ("", {"Cookie": f"other=1; {chat.policy.cookie_name()}={key}"}),
+    }[way]
+
+
+WITHOUT_THE_KEY = [
+    ("none", None),
+    *[(way, "wrong-key-0123456789") for way in ("query", "bearer", "cookie")],
+]
+
+
+@pytest.mark.parametrize("way, key", WITHOUT_THE_KEY)
+@pytest.mark.parametrize("method, path", ALL_ROUTES)
+def test_without_the_key_every_route_but_health_is_refused_saying_how_to_get_in(
+    keyed_server, method, path, way, key
+):
+    suffix, headers = with_key(way, key) if key else ("", {})
+    answer = request(
+        keyed_server.port, method, path + suffix, {"text": "stranger"}, headers=headers
+    )
+    status, content_type, body = answer
+    if path == "/health":
+        assert status == 200
+        return
+    assert answer.headers["WWW-Authenticate"] == "Bearer"
+    if path in ("/", "/chat"):
+        assert status == 401 and content_type == "text/html; charset=utf-8"
+        assert b"Open the link the chat printed" in body and b"stranger" not in body
+    else:
+        assert status == 401 and content_type.startswith("application/json")
+        assert "open the link the chat printed" in json.loads(body)["errors"]["key"]
+    assert [m["text"] for m in chat.ask_room(chat.room.fetch(0, 100))] == []
+
+
+@pytest.mark.parametrize("way, key", WITHOUT_THE_KEY)
+@pytest.mark.parametrize("path", ["/", "/chat", "/ws", "/echo"])
+def test_without_the_key_the_handshake_is_refused_with_401(keyed_server, path, way, key):
+    suffix, headers = with_key(way, key) if key else ("", {})
+    url = ws_url(keyed_server, path) + suffix
+    with (
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        connect(url, open_timeout=5, additional_headers=headers),
+    ):
+        pass
+    assert refused.value.response.status_code == 401
+    assert b"open the link the chat printed" in refused.value.response.body
+
+
+@pytest.mark.parametrize("way", ["query", "bearer", "cookie"])
+def test_the_key_gets_in_as_query_bearer_or_cookie_on_http_and_the_handshake(keyed_server, way):
+    suffix, headers = with_key(way)
+    joiner = "&" if suffix else "?"
+    status, _, _ = request(
+        keyed_server.port, "POST", "/messages" + suffix, {"text": way}, headers=headers
+    )
+    assert status == 201
+    url = ws_url(keyed_server) + suffix + f"{joiner}name={way}"
+    with connect(url, open_timeout=5, additional_headers=headers) as ws:
+        assert [m["text"] for m in receive(ws, "history")["messages"]] == [way]
+
+
+def test_a_script_with_bearer_posts_and_reads(keyed_server):
+    bearer = {"Authorization": f"Bearer {ROOM_KEY}"}
+    posted = request(
+        keyed_server.port, "POST", "/messages", {"text": "from a script"}, headers=bearer
+    )
+    read = request(keyed_server.port, "GET", "/messages", headers=bearer)
+    assert posted.status == 201 and read.status == 200
+    assert [m["text"] for m in json.loads(read.body)["messages"]] == ["from a script"]
+
+
+def test_the_link_sets_an_httponly_lax_cookie_and_redirects_to_the_page_without_the_key(
+    keyed_server,
+):
+    answer = request(keyed_server.port, "GET", f"/chat?name=sam&key={ROOM_KEY}")
+    assert answer.status == 303 and answer.headers["Location"] == "/chat?name=sam"
+    cookie = answer.headers["Set-Cookie"]
+    assert cookie.startswith(f"{chat.policy.cookie_name()}={ROOM_KEY};")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
+    assert "Secure" not in cookie  # plain http: a Secure cookie would never come back
+
+
+def test_the_key_is_not_in_config(keyed_server):
+    answer = request(keyed_server.port, "GET", "/config", headers=with_key("bearer")[1])
+    assert answer.status == 200 and ROOM_KEY.encode() not in answer.body
+
+
+def test_browser_the_page_opened_with_the_key_comes_online_without_the_key_in_its_address(
+    keyed_server, open_page
+):
+    from playwright.sync_api import expect
+
+    page = open_page(url=f"http://127.0.0.1:{keyed_server.port}/?key={ROOM_KEY}", name="kim")
+    assert page.url == f"http://127.0.0.1:{keyed_server.port}/"
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: the page's script never sees it
+    say(page, "with the key")
+    expect(texts(page)).to_have_text(["with the key"])
+    page.reload()
+    expect(page.locator("#status")).to_have_text("online")
+    expect(texts(page)).to_have_text(["with the key"])
+
+
+def test_browser_without_the_key_sees_no_message(keyed_server, open_page):
+    from playwright.sync_api import expect
+
+    seed(3, name="insider")
+    page = open_page(url=f"http://127.0.0.1:{keyed_server.port}/", online=False)
+    expect(page.locator("h1")).to_have_text("This chat needs its room key")
+    assert "m1" not in page.content() and page.locator("#chat-box").count() == 0
+
+
+def test_browser_after_a_restart_with_another_key_says_to_open_the_new_link(
+    chat_process, open_page
+):
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports, "--key", ROOM_KEY)
+    first.urls()
+    page = open_page(url=f"http://127.0.0.1:{first.port}/?key={ROOM_KEY}", name="alice")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+    second = chat_process(*ports, "--key", ROOM_KEY[::-1])  # the old cookie no longer opens it
+    second.urls()
+    expect(page.locator("#status")).to_have_text("locked out: open the link the chat printed")
+
+
+# The command line: when there is a key, and the QR code
+
+
+QR_HALVES = {" ": (1, 1), "▀": (0, 1), "▄": (1, 0), "█": (0, 0)}  # (top, bottom); 1 is dark
+
+
+def modules_of(url):
+    """The rows of modules of `url`'s QR code as segno encodes it, quiet zone included."""
+    return [list(row) for row in segno.make_qr(url).matrix_iter(scale=1, border=4)]
+
+
+def qr_lines(url):
+    """How many lines the QR code of `url` takes in the terminal: two rows of modules a line."""
+    return (len(modules_of(url)) + 1) // 2
+
+
+def shows_qr_code_of(lines, url):
+    """Whether printed lines of half blocks show exactly the modules of `url`'s QR code."""
+    rows = []
+    for line in lines:
+        halves = [QR_HALVES[block] for block in line]
+        rows += [[top for top, _ in halves], [bottom for _, bottom in halves]]
+    return len(lines) == qr_lines(url) and rows[: len(modules_of(url))] == modules_of(url)
+
+
+def test_a_chat_on_every_address_prints_a_qr_code_of_its_first_link(chat_process):
+    process = chat_process("--host", "0.0.0.0", "--port", "0", "--ws-port", "0")
+    page, _ = process.urls()
+    link = page.split()[-1]
+    lines = []
+    while len(lines) < qr_lines(link):
+        line = process.lines.get(timeout=5).rstrip("\n")
+        if set(line) <= set(QR_HALVES):  # after the URLs
+            lines.append(line)
+    assert process.key and link.endswith(f"/?key={process.key}")
+    assert shows_qr_code_of(lines, link)
+    assert not shows_qr_code_of(lines, link.replace(process.key, process.key[::-1]))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--host", "0.0.0.0", "--key", ROOM_KEY],
+        ["--public-url", PUBLIC, "--key", ROOM_KEY],
+        ["--key", ROOM_KEY],
+    ],
+)
+def test_key_keeps_the_link_over_a_restart(chat_process, args):
+    for _ in range(2):
+        process = chat_process("--port", "0", "--ws-port", "0", *args)
+        page, websocket = process.urls()
+        assert page.endswith(f"/?key={ROOM_KEY}\n") and websocket.endswith(f"/?key={ROOM_KEY}\n")
+        assert request(process.port, "GET", "/messages")[0] == 401
+        process.stop()
+
+
+def test_no_key_says_that_anyone_who_can_reach_the_port_is_in(chat_process):
+    process = chat_process("--host", "0.0.0.0", "--port", "0", "--ws-port", "0", "--no-key")
+    page, _ = process.urls()
+    assert "?key=" not in page
+    line = process.lines.get(timeout=5)
+    while line.startswith(("Chat page:", "Websocket:")):
+        line = process.lines.get(timeout=5)
+    assert line == f"No room key (--no-key): anyone who can reach port {process.port} is in.\n"
+    assert request(process.port, "GET", "/messages")[0] == 200
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--key", "short"], "argument --key: a room key is 16 or more"),
+        (["--key", "a key with spaces in it"], "argument --key: a room key is 16 or more"),
+        (["--key", ROOM_KEY, "--no-key"], "--key and --no-key: choose one"),
+        (
+            ["--public-url", PUBLIC, "--redis", "redis://127.0.0.1:1/0"],
+            "--redis where strangers can reach the chat: give every process the same --key KEY",
+        ),
+    ],
+)
+def test_a_bad_key_flag_is_one_line_and_exit_2(chat_process, args, error):
+    process = chat_process(*args)
+    assert process.process.wait(15) == 2
+    printed = process.process.stderr.read()
+    assert printed.count("\n") == 1 and printed.startswith(f"chat.py: error: {error}")
 
 
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
@@ -4652,20 +5089,30 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
         steps.take(r"python chat\.py --host 0\.0\.0\.0")
         + f" --port {steps.port} --ws-port {steps.ws_port}"
     )
-    expected = steps.swap_ports(steps.outputs[-1]).splitlines()
-    assert expected[-2:] == [
-        f"Chat page:  http://127.0.0.1:{steps.port}/",
-        f"Websocket:  ws://127.0.0.1:{steps.ws_port}/",
-    ]
+    shown = steps.swap_ports(steps.outputs[-1]).splitlines()
     printed = [room.expect("Chat page:"), room.expect("Websocket:")]
+    key = urllib.parse.urlsplit(printed[0].split()[-1]).query  # key=..., its own in each run
+    expected = [re.sub(r"key=[\w-]+", key, line) for line in shown if "://" in line]
+    assert expected[-2:] == [
+        f"Chat page:  http://127.0.0.1:{steps.port}/?{key}",
+        f"Websocket:  ws://127.0.0.1:{steps.ws_port}/?{key}",
+    ]
     while printed[-2] != expected[-2]:  # up to the loopback pair, which comes last
         printed += [room.expect("Chat page:"), room.expect("Websocket:")]
     assert "0.0.0.0" not in "".join(printed)
+    link = printed[0].split()[-1]
+    qr_code = [room.expect(lambda line: True) for _ in range(qr_lines(link))]
+    assert shows_qr_code_of(qr_code, link)  # of the first link, for phones to scan
+    readme = steps.outputs[-1].splitlines()  # its ports as the README has them
+    assert shows_qr_code_of(readme[len(expected) :], readme[0].split()[-1])  # and the README's
     for line in printed[::2]:
         page = urllib.parse.urlsplit(line.split()[-1])
         connection = http.client.HTTPConnection(page.hostname, page.port, timeout=10)
-        connection.request("GET", "/health")
-        assert connection.getresponse().status == 200
+        for path, status in [("/health", 200), ("/", 401), (f"/?{key}", 303)]:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status  # the link gets in; the address alone does not
         connection.close()
 
     assert steps.unused == [], "walkthrough commands this test does not run: teach it the new step"
