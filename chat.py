@@ -1027,7 +1027,10 @@ async def open_room(redis_url, history, loop, ws_port):
         raise RoomUnavailable(
             f"--redis needs {missing.name}: python -m pip install redis"
         ) from None
-    return await redis_room.open_room(redis_url, history, loop, ws_port)
+    # What the Redis room builds on is handed over, not imported: see redis_room.py.
+    return await redis_room.open_room(
+        redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
+    )
 
 
 class Servers:
@@ -1370,8 +1373,4 @@ def positive(value):
 
 
 if __name__ == "__main__":
-    # redis_room.py builds on this module (`import chat`, for chat.Room). Run as a script, this
-    # module is `__main__`: naming it `chat` too keeps `import chat` from loading a second copy,
-    # with a second, empty `room`.
-    sys.modules["chat"] = sys.modules[__name__]
     sys.exit(main())

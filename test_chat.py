@@ -39,6 +39,8 @@ from websockets.asyncio.client import connect as async_connect
 from websockets.asyncio.server import serve
 from websockets.sync.client import connect
 
+from chromium import CHROMIUM, CHROMIUM_FLAGS
+
 CHAT_PY = Path(__file__).with_name("chat.py")
 
 
@@ -2013,17 +2015,6 @@ def test_a_name_with_control_characters_in_the_url_gets_an_error_and_a_guest_nam
 # --- The page in a real browser (Playwright driving Debian's Chromium) -----------------
 # Playwright's sync API keeps an event loop running in the main thread for the whole session:
 # asyncio code in tests goes through run_async(), so these tests may run in any order.
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="session")
