@@ -15,8 +15,7 @@ from websockets.asyncio.server import broadcast, serve
 
 
 class Room:
-    """Everything the chat remembers. Only the event loop's thread calls it, and nothing in it
-    awaits: each method runs from start to end with nothing else in between. No lock needed."""
+    """Everything the chat remembers. Only the loop's thread calls it, and nothing in it awaits."""
 
     def __init__(self):
         self.messages = []

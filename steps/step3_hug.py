@@ -1,5 +1,5 @@
 """Step 3: step 2 beside hug. hug's routes (GET/POST /messages, /config, the page) run in
-waitress in the main thread, the room on an asyncio event loop in another. One bridge joins
+waitress's threads, the room on an asyncio event loop in a thread of its own. One bridge joins
 them: ask_room(), which is asyncio.run_coroutine_threadsafe(). It serves the real chat.html.
 
 Left out, and where chat.py has it: Host and Origin checks (Policy), bad input as 400s
@@ -22,8 +22,7 @@ PAGE = Path(__file__).parent.parent / "chat.html"  # the real page, beside steps
 
 
 class Room:
-    """Everything the chat remembers. Only the event loop's thread calls it, and nothing in it
-    awaits: each method runs from start to end with nothing else in between. No lock needed."""
+    """Everything the chat remembers. Only the loop's thread calls it, and nothing in it awaits."""
 
     def __init__(self):
         self.messages = []
