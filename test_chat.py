@@ -3437,6 +3437,9 @@ class Walkthrough:
         return text.replace(":8000", f":{self.port}").replace(":8765", f":{self.ws_port}")
 
 
+STARTING = 60  # seconds a process may take to print its first line
+
+
 class Terminal:
     """A command typed into a shell, as a reader would: lines go to its stdin, output is read back."""
 
@@ -3450,6 +3453,7 @@ class Terminal:
             text=True,
             cwd=CHAT_PY.parent,
         )
+        self.heard = False  # whether it printed anything yet
         self.lines, self.errors = queue.Queue(), []  # stderr: curl's progress meter, tracebacks
         self.readers = [
             threading.Thread(target=self._read, daemon=True),
@@ -3473,9 +3477,14 @@ class Terminal:
         seen = []
         while True:
             try:
-                line = self.lines.get(timeout=timeout)
+                # A first line waits for Python to start, which takes long on a loaded machine.
+                line = self.lines.get(timeout=timeout if self.heard else max(timeout, STARTING))
+                self.heard = True
             except queue.Empty:
-                raise AssertionError(f"never saw {wanted!r}; saw {seen}") from None
+                errors = "".join(self.errors)[-2000:]
+                raise AssertionError(
+                    f"never saw {wanted!r}; saw {seen}; stderr: {errors}"
+                ) from None
             seen.append(line)
             if check(line):
                 return line
@@ -3538,6 +3547,7 @@ def stopped_by_ctrl_c(terminal):
     assert terminal.process.wait(10) == 0
 
 
+@pytest.mark.timeout(240)  # a dozen processes, each started as the reader starts it
 def test_the_workshop_walkthrough_works_as_written(terminals):
     if shutil.which("curl") is None:
         if os.environ.get("CI") == "true":
@@ -3762,9 +3772,16 @@ class StepProcess(ChatProcess):
         super().__init__(*args)
 
     def ws_urls(self):
-        websocket = self.lines.get(timeout=15)
+        """Steps 1 and 2: the one line they print."""
+        websocket = self.lines.get(timeout=STARTING)
         self.ws_port = int(websocket.rsplit(":", 1)[1].strip("/\n"))
         return websocket
+
+    def urls(self):
+        """Step 3: the page's URL, then the websocket's."""
+        page = self.lines.get(timeout=STARTING)
+        self.port = int(page.rsplit(":", 1)[1].strip("/\n"))
+        return page, self.ws_urls()
 
     def interrupt(self):
         """Ctrl+C: the step stops, with no traceback."""
