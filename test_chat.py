@@ -3427,6 +3427,17 @@ class Walkthrough:
         self.unused.remove(found[0])
         return self.swap_ports(found[0])
 
+    def listening(self, terminal, http=True):
+        """The URL lines a server printed; the README's ports stand for theirs from now on.
+
+        Servers start on port 0, not on ports the test picked: a port found free may be taken
+        by the time a slow-starting process binds it, on a machine that runs much else."""
+        printed = [terminal.expect("Chat page:")] if http else []
+        printed.append(terminal.expect("Websocket:"))
+        ports = [int(line.rsplit(":", 1)[1].strip("/")) for line in printed]
+        self.port, self.ws_port = ports if http else (self.port, *ports)
+        return printed
+
     def output(self, first):
         """The one example output block that begins with `first`, ports swapped."""
         found = [body for body in self.outputs if body.startswith(first)]
@@ -3553,11 +3564,14 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
         if os.environ.get("CI") == "true":
             pytest.fail("the walkthrough test must run under CI: apt-get install curl")
         pytest.skip("no curl on this machine: apt-get install curl")
-    steps = Walkthrough(free_port(), free_port())
+    steps = Walkthrough(8000, 8765)  # each server below picks free ports (0), and they count
 
     # Step 1: the echo server prints its URL; what you type in the client comes back.
-    step1 = terminals(steps.take(r"python steps/step1_echo\.py") + f" --ws-port {steps.ws_port}")
-    assert step1.expect("Websocket:") == steps.swap_ports("Websocket:  ws://127.0.0.1:8765/")
+    step1 = terminals(steps.take(r"python steps/step1_echo\.py") + " --ws-port 0")
+    assert (
+        steps.listening(step1, http=False)
+        == steps.swap_ports("Websocket:  ws://127.0.0.1:8765/").splitlines()
+    )
     echo = terminals(steps.take(r"python -m websockets ws://127\.0\.0\.1:8765/"))
     echo.expect("Connected to")
     echo.type("hello")
@@ -3566,9 +3580,9 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     stopped_by_ctrl_c(step1)
 
     # Step 2: alice and bob each get history first; "hello" from alice reaches both.
-    steps.ws_port = step2_ws_port = free_port()
-    step2 = terminals(steps.take(r"python steps/step2_room\.py") + f" --ws-port {steps.ws_port}")
-    step2.expect("Websocket:")
+    step2 = terminals(steps.take(r"python steps/step2_room\.py") + " --ws-port 0")
+    steps.listening(step2, http=False)
+    step2_ws_port = steps.ws_port
     alice_command = steps.take(r'python -m websockets "ws://127\.0\.0\.1:8765/\?name=alice"')
     bob_command = steps.take(r'python -m websockets "ws://127\.0\.0\.1:8765/\?name=bob"')
     alice, bob = terminals(alice_command), terminals(bob_command)
@@ -3592,13 +3606,8 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     stopped_by_ctrl_c(step2)
 
     # Step 3: curl posts; a websocket client sees it; GET /messages lists it.
-    steps.port, steps.ws_port = free_port(), free_port()
-    step3 = terminals(
-        steps.take(r"python steps/step3_hug\.py")
-        + f" --port {steps.port} --ws-port {steps.ws_port}"
-    )
-    step3.expect("Chat page:")
-    step3.expect("Websocket:")
+    step3 = terminals(steps.take(r"python steps/step3_hug\.py") + " --port 0 --ws-port 0")
+    steps.listening(step3)
     with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=watcher") as watcher:
         receive(watcher, "history")
         posted = terminals(
@@ -3611,11 +3620,8 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     stopped_by_ctrl_c(step3)
 
     # Step 4: chat.py prints the two URLs the README shows (here on free ports).
-    steps.port, steps.ws_port = free_port(), free_port()
-    server = terminals(
-        steps.take(r"python chat\.py") + f" --port {steps.port} --ws-port {steps.ws_port}"
-    )
-    printed = [server.expect("Chat page:"), server.expect("Websocket:")]
+    server = terminals(steps.take(r"python chat\.py") + " --port 0 --ws-port 0")
+    printed = steps.listening(server)
     assert printed == steps.output("Chat page:  http://127.0.0.1:8000/").splitlines()
 
     # Step 1 lives on at /echo.
@@ -3662,19 +3668,13 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     assert another.process.wait(5) == 0
 
     # 8. A workshop room: every printed address opens (never 0.0.0.0), loopback last.
-    steps.port, steps.ws_port = free_port(), free_port()  # a second chat, beside the first
-    room = terminals(
-        steps.take(r"python chat\.py --host 0\.0\.0\.0")
-        + f" --port {steps.port} --ws-port {steps.ws_port}"
-    )
-    expected = steps.swap_ports(steps.outputs[-1]).splitlines()
-    assert expected[-2:] == [
-        f"Chat page:  http://127.0.0.1:{steps.port}/",
-        f"Websocket:  ws://127.0.0.1:{steps.ws_port}/",
-    ]
+    room = terminals(steps.take(r"python chat\.py --host 0\.0\.0\.0") + " --port 0 --ws-port 0")
     printed = [room.expect("Chat page:"), room.expect("Websocket:")]
-    while printed[-2] != expected[-2]:  # up to the loopback pair, which comes last
+    while "//127.0.0.1:" not in printed[-2]:  # up to the loopback pair, which comes last
         printed += [room.expect("Chat page:"), room.expect("Websocket:")]
+    steps.port, steps.ws_port = (int(line.rsplit(":", 1)[1].strip("/")) for line in printed[-2:])
+    expected = steps.swap_ports(steps.outputs[-1]).splitlines()
+    assert expected[-2:] == printed[-2:]
     assert "0.0.0.0" not in "".join(printed)
     for line in printed[::2]:
         page = urllib.parse.urlsplit(line.split()[-1])
