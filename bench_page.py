@@ -29,7 +29,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 import chat
-from test_chat import CHROMIUM, CHROMIUM_FLAGS
+from chromium import CHROMIUM, CHROMIUM_FLAGS
 
 BEFORE = "2736747"  # the last commit before issue 13 changed chat.html
 WINDOW = 50  # messages per per-append measurement

@@ -2,17 +2,33 @@
 
     python chat.py            then open http://127.0.0.1:8000/
 
-Two servers share this process. The asyncio event loop runs the websocket server in
-one thread and owns the room: the history, the id counter and the connections. hug's
-HTTP routes run in waitress's worker threads; they never change the room themselves:
-they hand their work to the event loop and wait for the answer. One owner means one
-order: every client sees the same messages, in the same order, as GET /messages.
+This is the workshop's step 3 (steps/step3_hug.py) grown up. Two servers share this process.
+The asyncio event loop runs the websocket server in one thread and owns the room: the
+history, the id counter and the connections. hug's HTTP routes run in waitress's worker
+threads; they never change the room themselves: they hand their work to the event loop
+(ask_room()) and wait for the answer. One owner means one order: every client sees the same
+messages, in the same order, as GET /messages.
 
-Read it top to bottom: configuration, the room, the websocket handlers, the HTTP
-routes, who may talk to the chat, start-up and shutdown, main(). Each section puts its
-main path first; the guards against hostile or unlucky clients, and the workarounds for
-the libraries, come after it under a heading that says "skip on a first reading".
-The README teaches it step by step and documents the protocol as built.
+Step 3's names come in step 3's order: Room, room, chat(), read_frame(), handle_frame(), api,
+ask_room(), get_messages(), post_message(), post_in_room(), config(), page(), Servers, main().
+What a real room adds to them sits under a heading of its own:
+
+- resuming with since= and room=, a long history in pieces, a bounded history found by
+  bisection, a repeated ref stored once, presence in batches (in Room);
+- step 1's echo at /echo (route(), echo()); posting and errors from a websocket (post_from(),
+  send_error(), read_query());
+- the rules for a text, a name, a ref and since, and the rate limit (clean_text() ...
+  TokenBucket);
+- the seed tutorial's POST /send_message, GET /health, errors as HTTP answers; the page's
+  Content-Security-Policy; a loop too busy to answer (ask_loop(), unless_too_late());
+- the room in Redis (open_room(), redis_room.py), a clean stop (stop_waitress()), the
+  addresses to print for --host 0.0.0.0, the command line;
+- then what a first reading can skip: who may talk to the chat (Policy: Host and Origin),
+  host names and origins, the websocket server's guards (ChatConnection drops a client that
+  stops reading), a frame serialized once for everyone (send_prepared()), descriptor limits,
+  the same error logged once, and hug's request-body readers fixed.
+
+The README teaches it step by step; docs/protocol.md documents the protocol as built.
 """
 
 import argparse
@@ -99,7 +115,7 @@ HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop to start its w
 LATE_START = 1  # seconds more it waits for work that started just in time
 LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
 
-# Headroom (see "Limits with headroom" under start-up)
+# Headroom (see "Limits with headroom" below)
 MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
 MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
 HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
@@ -1375,7 +1391,10 @@ async def open_room(redis_url, history, loop, ws_port):
         raise RoomUnavailable(
             f"--redis needs {missing.name}: python -m pip install redis"
         ) from None
-    return await redis_room.open_room(redis_url, history, loop, ws_port)
+    # What the Redis room builds on is handed over, not imported: see redis_room.py.
+    return await redis_room.open_room(
+        redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
+    )
 
 
 class Servers:
@@ -1805,8 +1824,4 @@ def positive(value):
 
 
 if __name__ == "__main__":
-    # redis_room.py builds on this module (`import chat`, for chat.Room). Run as a script, this
-    # module is `__main__`: naming it `chat` too keeps `import chat` from loading a second copy,
-    # with a second, empty `room`.
-    sys.modules["chat"] = sys.modules[__name__]
     sys.exit(main())

@@ -3,8 +3,10 @@
     python chat.py --redis redis://127.0.0.1:6379/0 --port 8000 --ws-port 8765
     python chat.py --redis redis://127.0.0.1:6379/0 --port 8001 --ws-port 8766
 
-chat.py imports this module only when --redis is given. RedisRoom is chat.Room with one
-difference: post() stores the message in Redis instead of delivering it. Redis then
+chat.py imports this module only when --redis is given, and hands it what it needs (its Room,
+RoomUnavailable and utc_now) rather than this module importing chat: run as a script, chat.py
+is `__main__`, and `import chat` would load a second copy of it, with a second, empty room.
+RedisRoom is chat.py's Room with one difference: post() stores the message in Redis instead of delivering it. Redis then
 publishes it to every process, and each delivers it to its own clients with the same
 Room.deliver() that the single process uses. So everything else in chat.py (history on
 join, `since`, GET /messages) works unchanged, from a local copy of the history that
@@ -26,8 +28,6 @@ import contextlib
 import json
 
 import redis.asyncio as redis
-
-import chat
 
 ROOM_ID, LAST_ID, MESSAGES, CHANNEL = "chat:room", "chat:last_id", "chat:messages", "chat:messages"
 REFS = "chat:refs"
@@ -70,17 +70,22 @@ return redis.call('GET', KEYS[1])
 """
 
 
-async def open_room(url, history, loop, ws_port):
-    room = RedisRoom(url, history, loop, ws_port)
+async def open_room(url, history, loop, ws_port, *, base, unavailable, utc_now):
+    """A started room in Redis: RedisRoom's methods over chat.py's Room (`base`)."""
+    room_class = type("RedisRoom", (RedisRoom, base), {})  # as `class RedisRoom(RedisRoom, base)`
+    room = room_class(url, history, loop, ws_port)
+    room.unavailable, room.utc_now = unavailable, utc_now
     try:
         await room.start()
     except (redis.RedisError, OSError) as error:
         await room.close()
-        raise chat.RoomUnavailable(f"cannot reach Redis at {url}: {error}") from None
+        raise unavailable(f"cannot reach Redis at {url}: {error}") from None
     return room
 
 
-class RedisRoom(chat.Room):
+class RedisRoom:
+    """What the room in Redis does differently; open_room() puts it over chat.py's Room."""
+
     def __init__(self, url, history, loop, ws_port):
         super().__init__(history, loop, ws_port)
         self.history_size = history
@@ -112,7 +117,7 @@ class RedisRoom(chat.Room):
 
         Returns the stored message and True, or for a repeated ref the one stored before and False.
         """
-        message = {"type": "message", "id": 0, "name": name, "text": text, "ts": chat.utc_now()}
+        message = {"type": "message", "id": 0, "name": name, "text": text, "ts": self.utc_now()}
         if ref is not None:
             message["ref"] = ref
         before, after = json.dumps(message, ensure_ascii=False).split('"id": 0', 1)
@@ -128,7 +133,7 @@ class RedisRoom(chat.Room):
                 await self.restore()  # the room's keys are gone: Redis restarted without its data
         except (redis.RedisError, OSError):
             pass
-        raise chat.RoomUnavailable("the chat cannot store messages right now: try again soon")
+        raise self.unavailable("the chat cannot store messages right now: try again soon")
 
     async def listen(self):
         """Deliver what Redis publishes, in id order.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py and test_chat.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py and chromium.py
 import chat
 import engines
-from test_chat import CHROMIUM, CHROMIUM_FLAGS
+from chromium import CHROMIUM, CHROMIUM_FLAGS
 
 CONVERSATION = [
     ("alice", "Hi Bob! Is the websocket server up?"),

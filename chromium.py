@@ -1,0 +1,13 @@
+"""Debian's Chromium, headless, as the tests (test_chat.py) and the page's benchmark (bench_page.py)
+start it through Playwright: one place for both, so neither imports the other."""
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
