@@ -2822,6 +2822,132 @@ def test_behind_nginx_sigterm_closes_wss_clients_with_1001(behind_nginx, chat_pr
         assert closed.value.rcvd.code == 1001
 
 
+# --- A transient failure is not a refusal; faults behind the real nginx (issue 20) -------
+# An error that sending the same message again can cure (too fast, the room away) says
+# `retry_after` in its frame, and HTTP answers 503 (429 for too fast) with Retry-After; the
+# page then sends it again by itself. Then kill -9 behind nginx with two pages typing, the
+# systemd units in deploy/, and the fault soak.
+
+
+def message_frame(text, ref):
+    return json.dumps({"type": "message", "text": text, "ref": ref})
+
+
+def test_a_too_fast_error_says_when_the_limit_allows_one_more_and_then_it_is_stored(server):
+    with joined(server) as (ws, _):
+        for n in range(2 * BURST):
+            ws.send(message_frame(f"m{n}", f"r{n}"))
+        answers = receive_until(ws, lambda got: len(got) == 2 * BURST, ("message", "error"))
+        refused = [frame for frame in answers if frame["type"] == "error"]
+        assert refused and all(0 < e["retry_after"] <= 1 / PER_SECOND for e in refused)
+        last = refused[-1]  # no frame of ours came after it: waiting this long is enough
+        threading.Event().wait(last["retry_after"])
+        ws.send(message_frame("again", last["ref"]))
+        assert receive_until(ws, lambda got: got, ("message", "error"))[0]["ref"] == last["ref"]
+
+
+def test_a_refusal_that_sending_again_cannot_cure_has_no_retry_after(server):
+    with joined(server) as (ws, _):
+        for frame in [message_frame("x" * 2001, "long"), message_frame("hi", 7), '{"type": 1}']:
+            ws.send(frame)
+            assert "retry_after" not in receive(ws, "error")
+        ws.send(b"binary")
+        assert "retry_after" not in receive(ws, "error")
+
+
+def test_a_post_the_busy_loop_cannot_answer_in_time_says_retry_after(server, monkeypatch):
+    monkeypatch.setattr(chat, "HTTP_WAIT", 0.2)
+    server.loop.call_soon_threadsafe(time.sleep, 1)
+    response = request(server.port, "POST", "/messages", {"text": "too late", "ref": "late"})
+    assert response.status == 503 and response.headers["Retry-After"] == "1"
+    monkeypatch.setattr(chat, "HTTP_WAIT", 5)
+    assert post(server.port, "/messages", {"text": "too late", "ref": "late"})[0] == 201
+    assert stored_texts(server.port) == ["too late"]
+
+
+def test_redis_away_says_retry_after_and_the_same_ref_goes_through_once_it_is_back(
+    redis_server, two_processes
+):
+    a, b = two_processes
+    with connect(f"ws://127.0.0.1:{a.ws_port}/", open_timeout=5, max_queue=None) as ws:
+        receive(ws, "history")
+        redis_server.stop()
+        ws.send(message_frame("while away", "away-1"))
+        error = receive(ws, "error")
+        assert error["ref"] == "away-1" and error["retry_after"] == 1
+        response = request(b.port, "POST", "/messages", {"text": "while away", "ref": "away-1"})
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        redis_server.start()
+        for _ in range(20):  # what the page does: the same ref again, after retry_after
+            ws.send(message_frame("while away", "away-1"))
+            answer = receive_until(ws, lambda got: got, ("message", "error"))[0]
+            if answer["type"] == "message":
+                break
+            threading.Event().wait(answer["retry_after"])
+        assert answer["ref"] == "away-1"
+    assert post(b.port, "/messages", {"text": "while away", "ref": "away-1"})[0] == 200
+    assert stored_texts(a.port) == ["while away"]
+
+
+def test_browser_a_paste_of_30_quick_sends_all_go_through_in_order_without_a_click(
+    server, open_page, monkeypatch
+):
+    from playwright.sync_api import expect
+
+    monkeypatch.setattr(chat, "BURST", 3)  # past the burst at once, so most wait for the limit
+    page = open_page(server.port)
+    page.evaluate("""() => {
+        const form = document.getElementById("chat-form");
+        for (let n = 0; n < 30; n++) {
+            document.getElementById("message-input").value = "burst " + n;
+            form.requestSubmit();
+        }
+    }""")
+    expect(page.locator("#outbox .message.failed")).to_have_count(0)
+    expected = [f"burst {n}" for n in range(30)]
+    expect(texts(page)).to_have_text(expected, timeout=30_000)
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    assert stored_texts(server.port) == expected
+
+
+def test_browser_a_refusal_for_good_keeps_send_again_and_edit_and_the_next_one_goes(
+    server, open_page
+):
+    from playwright.sync_api import expect
+
+    page = open_page(server.port)
+    page.evaluate("""() => {
+        document.getElementById("message-input").value = "half an emoji \ud83d";
+        document.getElementById("chat-form").requestSubmit();
+    }""")
+    failed = page.locator("#outbox .message.failed")
+    expect(failed).to_contain_text("Not sent: text is not valid Unicode")
+    expect(failed.get_by_role("button", name="Send again")).to_be_visible()
+    expect(failed.get_by_role("button", name="Edit")).to_be_visible()
+    say(page, "the next one")
+    expect(texts(page)).to_have_text(["the next one"])
+    expect(failed).to_have_count(1)
+
+
+def test_browser_what_is_typed_while_redis_is_away_goes_when_it_is_back_without_a_click(
+    redis_server, two_processes, open_page
+):
+    from playwright.sync_api import expect
+
+    a, _ = two_processes
+    page = open_page(a.port, "alice")
+    redis_server.stop()
+    for n in range(3):
+        say(page, f"away {n}")
+    waiting = page.locator("#outbox .message.waiting")
+    expect(waiting).to_have_count(3)
+    expect(waiting.first).to_contain_text("Not sent yet: it goes as soon as the chat is back")
+    redis_server.start()
+    expect(texts(page)).to_have_text(["away 0", "away 1", "away 2"], timeout=20_000)
+    expect(page.locator("#outbox .message")).to_have_count(0)
+    assert stored_texts(a.port) == ["away 0", "away 1", "away 2"]
+
+
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
 
 PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
@@ -2967,31 +3093,6 @@ def test_browser_keeps_what_is_typed_while_offline_and_sends_it_when_back(server
     expect(texts(page)).to_have_text(["typed offline"])
     expect(page.locator("#outbox .message")).to_have_count(0)
     assert stored_texts(server.port) == ["typed offline"]
-
-
-def test_browser_refused_messages_are_kept_marked_and_sent_again(server, open_page):
-    from playwright.sync_api import expect
-
-    page = open_page(server.port)
-    page.evaluate("""() => {
-        const form = document.getElementById("chat-form");
-        for (let n = 0; n < 30; n++) {
-            document.getElementById("message-input").value = "burst " + n;
-            form.requestSubmit();
-        }
-    }""")
-    failed = page.locator("#outbox .message.failed")
-    expect(failed.first).to_contain_text("Not sent: too many messages too fast")
-    expect(page.locator("#outbox .message.sending")).to_have_count(0)
-    assert len(stored_texts(server.port)) + failed.count() == 30  # nothing lost
-    # the server takes 10 a second: a text may be refused again, and kept again
-    for _ in range(300):
-        if failed.count() == 0:
-            break
-        failed.first.get_by_role("button", name="Send again").click()
-        expect(page.locator("#outbox .message.sending")).to_have_count(0)
-    expect(page.locator("#outbox .message")).to_have_count(0)
-    assert sorted(stored_texts(server.port)) == sorted(f"burst {n}" for n in range(30))
 
 
 def test_browser_too_long_text_stays_in_the_box_with_a_reason(server, open_page):
