@@ -2948,6 +2948,86 @@ def test_browser_what_is_typed_while_redis_is_away_goes_when_it_is_back_without_
     assert stored_texts(a.port) == ["away 0", "away 1", "away 2"]
 
 
+KEEP_TYPING = """(who) => {
+    window.typed = [];
+    window.typing = setInterval(() => {
+        typed.push(`${who} ${typed.length}`);
+        document.getElementById("message-input").value = typed.at(-1);
+        document.getElementById("chat-form").requestSubmit();
+    }, 300);
+}"""
+OWN_STORED = "() => document.querySelectorAll('#chat-box .message.own').length"
+SHOWN_MESSAGES = """() => [...document.querySelectorAll("#chat-box .message")]
+    .map((item) => [Number(item.dataset.id), item.querySelector("p").textContent])"""
+
+
+def typed_on(pages, more=3, timeout=30_000):
+    """Waits until each page has `more` of its own messages stored (shown as messages) than now."""
+    for page in pages:
+        count = page.evaluate(OWN_STORED)
+        page.wait_for_function(f"(n) => ({OWN_STORED})() >= n", arg=count + more, timeout=timeout)
+
+
+def clients_on(process):
+    return get(process.port, "/health")[1]["clients"]
+
+
+@pytest.mark.timeout(240)
+def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typing_loses_nothing(
+    behind_nginx, redis_server, chat_process, open_page
+):
+    from playwright.sync_api import expect
+
+    url = f"{behind_nginx.url}/"
+    pages = [open_page(url=url, ignore_https_errors=True) for _ in range(2)]
+    for page, who in zip(pages, ("alice", "bob"), strict=True):
+        page.evaluate(KEEP_TYPING, who)
+    typed_on(pages)
+
+    # (a) kill -9 of the process that holds the pages' connections: they come back to the other
+    a, b = behind_nginx.chat_processes
+    victim, survivor = (a, b) if clients_on(a) >= clients_on(b) else (b, a)
+    assert clients_on(victim) >= 1
+    victim.process.kill()
+    victim.process.wait(5)
+    wait_for_health(survivor.port, timeout=30, clients=2)
+    typed_on(pages)
+
+    # (b) kill -9 of redis-server: what is typed meanwhile waits; then it restarts with its data
+    redis_server.process.kill()
+    redis_server.process.wait(5)
+    pages[0].wait_for_function("() => document.querySelector('#outbox .message.waiting')")
+    redis_server.start()
+    typed_on(pages)
+
+    # (c) the killed process started again on its ports: it rejoins the room
+    again = chat_process(
+        *("--port", str(victim.port), "--ws-port", str(victim.ws_port)),
+        *("--redis", redis_server.url, "--public-url", behind_nginx.url),
+    )
+    again.urls()
+    typed_on(pages)
+
+    typed = []
+    for page in pages:
+        typed.append(page.evaluate("() => (clearInterval(typing), typed)"))
+        expect(page.locator("#outbox .message")).to_have_count(0, timeout=30_000)
+    stored = get(survivor.port, "/messages?limit=1000")[1]["messages"]
+    texts_stored = [message["text"] for message in stored]
+    assert collections.Counter(texts_stored) == collections.Counter(typed[0] + typed[1])
+    for own in typed:  # each person's messages in the order typed
+        assert [text for text in texts_stored if text in set(own)] == own
+    wait_for_health(again.port, last_id=stored[-1]["id"])
+    assert get(again.port, "/messages?limit=1000")[1]["messages"] == stored
+    order = [[message["id"], message["text"]] for message in stored]
+    for page in pages:  # one order on both pages, each showing the newest messages
+        page.wait_for_function(
+            f"(id) => ({SHOWN_MESSAGES})().at(-1)?.[0] === id", arg=stored[-1]["id"]
+        )
+        shown = page.evaluate(SHOWN_MESSAGES)
+        assert shown == order[-len(shown) :]
+
+
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
 
 PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
