@@ -3028,6 +3028,68 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
         assert shown == order[-len(shown) :]
 
 
+DEPLOY = CHAT_PY.with_name("deploy")
+UNIT = DEPLOY / "chat@.service"
+
+
+def environment_file(path):
+    """The KEY=VALUE lines of a systemd EnvironmentFile (no quotes are used in ours)."""
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def unit_command_line(environment):
+    """The unit's ExecStart as systemd runs it: ${NAME} is one word, $NAME splits into words."""
+    (line,) = [line for line in UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
+    words = []
+    for word in shlex.split(line.removeprefix("ExecStart=")):
+        if one := re.fullmatch(r"\$\{(\w+)\}", word):
+            words.append(environment[one[1]])
+        elif split := re.fullmatch(r"\$(\w+)", word):
+            words += environment[split[1]].split()
+        else:
+            assert "$" not in word, f"a variable inside a word, which this test cannot read: {word}"
+            words.append(word)
+    return words
+
+
+def test_systemd_unit_passes_systemd_analyze_verify_and_security(tmp_path):
+    analyze = needed_program("systemd-analyze", "systemd")
+    unit = UNIT.read_text()  # with the chat where it is here, so that its ExecStart exists
+    for installed, here in [("/opt/chat/venv/bin/python", sys.executable), ("/opt/chat", ".")]:
+        assert installed in unit
+        unit = unit.replace(installed, str(Path(here).resolve()))
+    (tmp_path / UNIT.name).write_text(unit)
+    for check in [["verify"], ["security", "--offline=yes", "--threshold=20"]]:
+        result = subprocess.run(
+            [analyze, *check, str(tmp_path / "chat@1.service")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert check != ["verify"] or result.stderr == ""  # unknown keys are only warned about
+
+
+@pytest.mark.parametrize("instance", ["1", "2"])
+def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_uses(instance):
+    environment = {
+        **environment_file(DEPLOY / "chat" / "chat.env"),
+        **environment_file(DEPLOY / "chat" / f"{instance}.env"),
+    }
+    python, script, *arguments = unit_command_line(environment)
+    assert (python, script) == ("/opt/chat/venv/bin/python", "/opt/chat/chat.py")
+    args = chat.parse_args(arguments)
+    nginx = (DEPLOY / "nginx.conf").read_text()
+    assert f"server 127.0.0.1:{args.port};" in nginx
+    assert f"server 127.0.0.1:{args.ws_port};" in nginx
+    assert args.redis == "redis://127.0.0.1:6379/0" and args.public_url == PUBLIC
+    more = chat.parse_args(unit_command_line({**environment, "CHAT_ARGS": "--history 5000"})[2:])
+    assert more.history == 5000
+
+
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
 
 PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
