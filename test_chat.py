@@ -3090,6 +3090,25 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     assert more.history == 5000
 
 
+@pytest.mark.timeout(150)
+def test_fault_soak_briefly_kills_each_part_and_loses_duplicates_and_reorders_nothing():
+    needed_program("redis-server", "redis-server")
+    soak = subprocess.run(
+        [sys.executable, str(CHAT_PY.with_name("soak_chat.py")), "--seconds", "10", "--every", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert soak.returncode == 0, soak.stdout + soak.stderr[-3000:]
+    kills = re.search(
+        r"faults: (\d+) kill -9 of a chat process, (\d+) of redis-server", soak.stdout
+    )
+    assert kills and int(kills[1]) >= 1 and int(kills[2]) >= 1
+    assert soak.stdout.count("lost 0, duplicated 0, reordered 0") == 2  # typed, and delivered
+    assert "pending at the end: 0;" in soak.stdout
+
+
 # --- The page keeps every promise to the person typing (issue 13) ----------------------
 
 PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touch": True}
