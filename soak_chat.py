@@ -130,8 +130,12 @@ http {{
     client_body_temp_path {d}/client_body; proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
     # As deploy/nginx.conf, without TLS: any process can answer, the room is in Redis.
-    upstream chat_http {{ server 127.0.0.1:{http_a}; server 127.0.0.1:{http_b}; }}
-    upstream chat_websocket {{ server 127.0.0.1:{ws_a}; server 127.0.0.1:{ws_b}; }}
+    upstream chat_http {{
+        server 127.0.0.1:{http_a} max_fails=0; server 127.0.0.1:{http_b} max_fails=0;
+    }}
+    upstream chat_websocket {{
+        server 127.0.0.1:{ws_a} max_fails=0; server 127.0.0.1:{ws_b} max_fails=0;
+    }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -183,6 +187,7 @@ class Client:
         self.room, self.last_id = None, 0
         self.tries = self.retries = self.reconnects = self.refused = 0
         self.typing = True
+        self.longest_away = 0.0  # seconds, from a dropped connection to the next one open
 
     async def type(self):
         while self.typing:
@@ -193,7 +198,7 @@ class Client:
 
     async def run(self):
         """Connect, resume, send; after a drop, again, to the next URL, with a backoff."""
-        failures = 0
+        failures, dropped = 0, None
         while True:
             url = self.urls[self.reconnects % len(self.urls)]
             query = f"name={self.name}&since={self.last_id}" + (
@@ -204,10 +209,13 @@ class Client:
                     f"{url}?{query}", open_timeout=5, close_timeout=1, max_queue=None,
                     local_addr=(self.source, 0),
                 ) as ws:  # fmt: skip
-                    failures = 0
+                    if dropped is not None:
+                        self.longest_away = max(self.longest_away, time.monotonic() - dropped)
+                    failures, dropped = 0, None
                     await self.session(ws)
             except (OSError, TimeoutError, WebSocketException):
                 pass
+            dropped = dropped or time.monotonic()
             self.reconnects += 1
             failures += 1
             await asyncio.sleep(min(2, 0.05 * 2**failures) * random.uniform(0.5, 1))
@@ -266,7 +274,7 @@ async def faults(chats, redis, every, counts, stopping):
         if stopping.is_set():
             return
         kind = kinds[sum(counts.values()) % 2]
-        part = random.choice(chats) if kind == "chat" else redis
+        part = chats[counts["chat"] % 2] if kind == "chat" else redis  # each in turn
         await asyncio.to_thread(part.kill)
         counts[kind] += 1
         await asyncio.sleep(random.uniform(0.5, 3))
@@ -375,7 +383,8 @@ async def run_clients(seconds, clients_count, rate, every, urls, chats, redis):
         f"pending at the end: {sum(len(c.queue) for c in clients)}; "
         f"answers with retry_after: {sum(c.retries for c in clients)}; "
         f"refused for good: {sum(c.refused for c in clients)}; "
-        f"reconnects: {sum(c.reconnects for c in clients)}"
+        f"reconnects: {sum(c.reconnects for c in clients)}; "
+        f"longest without a connection: {max(c.longest_away for c in clients):.1f} s"
     )
     return drained and same and not any(room + delivered)
 

@@ -2658,10 +2658,10 @@ class Nginx:
             "chat.example.org": "localhost",
             "/etc/letsencrypt/live/localhost/fullchain.pem": f"{d}/cert.pem",
             "/etc/letsencrypt/live/localhost/privkey.pem": f"{d}/key.pem",
-            "127.0.0.1:8000;": f"127.0.0.1:{http_a};",
-            "127.0.0.1:8001;": f"127.0.0.1:{http_b};",
-            "127.0.0.1:8765;": f"127.0.0.1:{ws_a};",
-            "127.0.0.1:8766;": f"127.0.0.1:{ws_b};",
+            "server 127.0.0.1:8000 ": f"server 127.0.0.1:{http_a} ",
+            "server 127.0.0.1:8001 ": f"server 127.0.0.1:{http_b} ",
+            "server 127.0.0.1:8765 ": f"server 127.0.0.1:{ws_a} ",
+            "server 127.0.0.1:8766 ": f"server 127.0.0.1:{ws_b} ",
         }
         for old, new in replacements.items():
             assert old in site, f"deploy/nginx.conf no longer has {old!r}: update this test"
@@ -3083,8 +3083,8 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     assert (python, script) == ("/opt/chat/venv/bin/python", "/opt/chat/chat.py")
     args = chat.parse_args(arguments)
     nginx = (DEPLOY / "nginx.conf").read_text()
-    assert f"server 127.0.0.1:{args.port};" in nginx
-    assert f"server 127.0.0.1:{args.ws_port};" in nginx
+    assert f"server 127.0.0.1:{args.port} " in nginx
+    assert f"server 127.0.0.1:{args.ws_port} " in nginx
     assert args.redis == "redis://127.0.0.1:6379/0" and args.public_url == PUBLIC
     more = chat.parse_args(unit_command_line({**environment, "CHAT_ARGS": "--history 5000"})[2:])
     assert more.history == 5000
