@@ -9,6 +9,7 @@ import base64
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import http.client
 import json
 import logging
@@ -3028,6 +3029,30 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
         assert shown == order[-len(shown) :]
 
 
+def test_behind_nginx_once_each_process_was_killed_in_turn_new_websockets_still_get_through(
+    behind_nginx, redis_server, chat_process
+):
+    """nginx must not keep a process it once found dead marked down (max_fails=0)."""
+    url = f"wss://localhost:{behind_nginx.https_port}/ws"
+    through_nginx = functools.partial(
+        connect, url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url
+    )
+    a, b = behind_nginx.chat_processes
+    a.process.kill()
+    a.process.wait(5)
+    with through_nginx() as ws:  # to b, once nginx found a refusing
+        receive(ws, "history")
+    chat_process(
+        *("--port", str(a.port), "--ws-port", str(a.ws_port)),
+        *("--redis", redis_server.url, "--public-url", behind_nginx.url),
+    ).urls()
+    b.process.kill()
+    b.process.wait(5)
+    with through_nginx() as first, through_nginx() as second:  # both to a, back again
+        receive(first, "history")
+        receive(second, "history")
+
+
 DEPLOY = CHAT_PY.with_name("deploy")
 UNIT = DEPLOY / "chat@.service"
 
@@ -3056,9 +3081,12 @@ def unit_command_line(environment):
 def test_systemd_unit_passes_systemd_analyze_verify_and_security(tmp_path):
     analyze = needed_program("systemd-analyze", "systemd")
     unit = UNIT.read_text()  # with the chat where it is here, so that its ExecStart exists
-    for installed, here in [("/opt/chat/venv/bin/python", sys.executable), ("/opt/chat", ".")]:
+    for installed, here in [
+        ("/opt/chat/venv/bin/python", sys.executable),
+        ("/opt/chat", CHAT_PY.parent),
+    ]:
         assert installed in unit
-        unit = unit.replace(installed, str(Path(here).resolve()))
+        unit = unit.replace(installed, str(here))
     (tmp_path / UNIT.name).write_text(unit)
     for check in [["verify"], ["security", "--offline=yes", "--threshold=20"]]:
         result = subprocess.run(
