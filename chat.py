@@ -363,7 +363,7 @@ class TooFast(BadInput):
     `retry_after` seconds from now (the error frame says so, and the page waits that long).
     """
 
-    def __init__(self, retry_after):
+    def __init__(self, retry_after=1 / PER_SECOND):  # the longest wait for one more
         super().__init__("too many messages too fast: wait a second")
         self.retry_after = retry_after
 
