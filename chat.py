@@ -46,6 +46,7 @@ import http.cookies
 import ipaddress
 import json
 import logging
+import math
 import operator
 import re
 import secrets
@@ -114,6 +115,7 @@ CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown 
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop to start its work
 LATE_START = 1  # seconds more it waits for work that started just in time
 LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
+RETRY_AFTER = 1  # seconds a client waits before sending again what the room could not take now
 
 # Headroom (see "Limits with headroom" below)
 MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
@@ -306,8 +308,9 @@ class Room:
     def check_rate(self, address):
         """One limit per client address, shared by all its websocket connections and HTTP posts:
         two tabs of one person are one person, and a script cannot open its way around it."""
-        if not self.message_buckets.take(address):
-            raise TooFast()
+        bucket = self.message_buckets.get(address)
+        if not bucket.take():
+            raise TooFast(bucket.wait())
 
     def connected(self, address):
         """A websocket from this address was let in (check_request)."""
@@ -390,16 +393,26 @@ def takes_prepared_frame(connection):
 class BadInput(ValueError):
     """A client sent something the contract does not allow; the message says the rule."""
 
+    retry_after = None  # a refusal: the same frame sent again would be refused again
+
 
 class TooFast(BadInput):
-    """More than BURST messages at once, or more than PER_SECOND a second for long."""
+    """More than BURST messages at once, or more than PER_SECOND a second for long.
 
-    def __init__(self):
+    Not a refusal for good: the same message goes through once the limit allows one more,
+    `retry_after` seconds from now (the error frame says so, and the page waits that long).
+    """
+
+    def __init__(self, retry_after=1 / PER_SECOND):  # the longest wait for one more
         super().__init__("too many messages too fast: wait a second")
+        self.retry_after = retry_after
 
 
 class RoomUnavailable(Exception):
-    """The room cannot store messages right now (with --redis: Redis is away)."""
+    """The room cannot store messages right now (with --redis: Redis is away; or the loop is
+    too busy): a transient failure, so the client may send the same message again."""
+
+    retry_after = RETRY_AFTER
 
 
 def clean_text(value):
@@ -508,6 +521,10 @@ class TokenBucket:
         self.tokens -= 1
         return True
 
+    def wait(self):
+        """Seconds until take() succeeds again (0 if it would now)."""
+        return max(0.0, (1 - self.tokens) / self.per_second)
+
 
 class Buckets:
     """A TokenBucket per client address, bounded: past MAX_ADDRESSES the one used least recently
@@ -518,12 +535,16 @@ class Buckets:
         self.burst, self.per_second = burst, per_second
         self.buckets = {}  # address -> TokenBucket, the least recently used first
 
-    def take(self, address):
+    def get(self, address):
+        """The address's bucket, now the most recently used."""
         bucket = self.buckets.pop(address, None) or TokenBucket(self.burst, self.per_second)
-        self.buckets[address] = bucket  # now the most recently used: it goes last
+        self.buckets[address] = bucket  # the most recently used goes last
         if len(self.buckets) > MAX_ADDRESSES:
             del self.buckets[next(iter(self.buckets))]
-        return bucket.take()
+        return bucket
+
+    def take(self, address):
+        return self.get(address).take()
 
 
 # --- The websocket handlers -----------------------------------------------------------
@@ -564,7 +585,7 @@ async def chat(connection):
                 room.check_rate(address)  # messages and renames: one limit per address
                 await handle_frame(connection, data)
             except (BadInput, RoomUnavailable) as error:
-                await send_error(connection, str(error), data.get("ref"))
+                await send_error(connection, str(error), data.get("ref"), error.retry_after)
     finally:
         room.leave(connection)
 
@@ -612,14 +633,21 @@ async def post_from(connection, text, ref):
         await connection.send(json.dumps(message, ensure_ascii=False))
 
 
-async def send_error(connection, error, ref=None):
-    """The error, with the `ref` of the message it refuses, so the page knows which one."""
+async def send_error(connection, error, ref=None, retry_after=None):
+    """The error, with the `ref` of the message it refuses, so the page knows which one.
+
+    `retry_after` (seconds) only for a failure that sending the same frame again can cure
+    (too fast, the room away): the page then sends it again by itself; without it the
+    refusal is for good (too long, a bad name) and the person decides.
+    """
     frame = {
         "type": "error",
         "error": error,
     }
     if is_ref(ref):
         frame["ref"] = ref
+    if retry_after is not None:
+        frame["retry_after"] = math.ceil(retry_after * 1000) / 1000  # rounded up: never early
     await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
@@ -889,8 +917,13 @@ def add_http_message(request, response, name, text, ref):
         return message
     except TooFast as error:
         response.status = hug.HTTP_429
-        response.set_header("Retry-After", "1")
+        response.set_header("Retry-After", retry_after_header(error.retry_after))
         return {"errors": {"text": str(error)}}
+
+
+def retry_after_header(seconds):
+    """HTTP's Retry-After counts whole seconds: round up, so that the client is not early."""
+    return str(max(1, math.ceil(seconds)))
 
 
 async def post_in_room(address, name, text, ref):
@@ -1362,8 +1395,10 @@ class AnswerHeadAsGet:
 
 @hug.exception(RoomUnavailable, api=api)
 def room_unavailable(exception, response):
-    """Redis is away, or the loop did not answer in time: 503, on every route."""
+    """Redis is away, or the loop did not answer in time: 503, on every route, and when to
+    try again (the same post may be sent again: with its ref it is never stored twice)."""
     response.status = hug.HTTP_503
+    response.set_header("Retry-After", retry_after_header(exception.retry_after))
     return {"errors": {"room": str(exception)}}
 
 
