@@ -103,6 +103,21 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def free_port_nobody_else_picks():
+    """A free port below the kernel's ephemeral range, for a server started some time after the
+    port was chosen: a port from free_port() may be handed meanwhile to another socket that
+    binds port 0 or connects out (a chat process, its Redis client)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux
+        return free_port()
+    for port in random.sample(range(10_000, low), 100):
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind(("127.0.0.1", port))
+            return port
+    return free_port()
+
+
 class Response(collections.namedtuple("Response", "status content_type body")):
     """What request() answers: unpacks as (status, content type, body); `.headers` has them all."""
 
@@ -3026,7 +3041,8 @@ class Nginx:
     """Debian's nginx, unprivileged, running deploy/nginx.conf with its ports, name and certificate replaced."""
 
     def __init__(self, binary, directory):
-        self.binary, self.directory, self.https_port = binary, directory, free_port()
+        self.binary, self.directory = binary, directory
+        self.https_port = free_port_nobody_else_picks()
         self.url = f"https://localhost:{self.https_port}"
 
     def configure(self, chat_processes):
@@ -3081,7 +3097,8 @@ class Nginx:
 
     def answers(self):
         if self.process.poll() is not None:
-            raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
+            with self.process.stderr:
+                raise RuntimeError(f"nginx did not start: {self.process.stderr.read()}")
         connection = http.client.HTTPSConnection(
             "127.0.0.1", self.https_port, timeout=1, context=unverified_tls()
         )
