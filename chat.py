@@ -26,6 +26,7 @@ import functools
 import hashlib
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import operator
@@ -126,8 +127,12 @@ class Room:
         self.clients = {}  # connection -> name
         # name -> connections, as the presence frames sent so far told it
         self.online = collections.Counter()
-        self.presence_changes = []  # joins, leaves and renames not yet sent
+        self.presence_changes = {}  # connection -> (name before, name now) not yet sent
+        self.presence_due = False  # a presence frame is on its way
         self.presence_sent = 0.0  # loop time of the last presence frame
+        # Who goes by which name, for everyone in the room or joining it (see hold_name())
+        self.names = {}  # connection -> (client address, name_key(name))
+        self.holders = collections.defaultdict(collections.Counter)  # name key -> address -> count
         self.http_buckets = {}  # client address -> TokenBucket, for POST /messages
 
     async def post(self, name, text, ref=None):
@@ -174,7 +179,7 @@ class Room:
         # message can be delivered between it and the next line, which counts this client in.
         broadcast([connection], self.history_frame(name, last_piece, more=False))
         self.clients[connection] = name
-        self.presence_changed(joined=name)
+        self.presence_changed(connection, None, name)
 
     async def send_all_but_the_last_piece(self, connection, name, since):
         """Send the history after `since` but its last piece; return that last piece.
@@ -206,22 +211,32 @@ class Room:
         return json.dumps(frame, ensure_ascii=False)
 
     def leave(self, connection):
-        name = self.clients.pop(connection)
-        self.presence_changed(left=name)
+        """Also for a connection that never got in (it went during its history)."""
+        self.let_go_of_name(connection)
+        if connection in self.clients:
+            self.presence_changed(connection, self.clients.pop(connection), None)
 
     def rename(self, connection, name):
-        old, self.clients[connection] = self.clients[connection], name
-        self.presence_changed(renamed={"from": old, "to": name})
+        """A new name, if nobody at another address goes by it; the same name is no change."""
+        old = self.clients[connection]
+        if name != old:
+            self.clients[connection] = self.hold_name(connection, name)
+            self.presence_changed(connection, old, name)
 
-    def presence_changed(self, **change):
+    def presence_changed(self, connection, before, after):
         """Send presence on the loop's next turn, or with the next changes if a frame went out
         less than PRESENCE_EVERY ago.
 
         Each frame goes to everyone: a frame per join would cost the square of the room's
-        size, and filling a room of 1000 would take seconds.
+        size, and filling a room of 1000 would take seconds. What one connection does in
+        the meantime is one change, from the name the others last heard to its name now:
+        a join then a rename is a join under the new name, a join then a leave is nothing.
         """
-        self.presence_changes.append(change)
-        if len(self.presence_changes) == 1:
+        if connection in self.presence_changes:  # its earlier change is not sent yet
+            before = self.presence_changes[connection][0]
+        self.presence_changes[connection] = (before, after)
+        if not self.presence_due:
+            self.presence_due = True
             wait = self.presence_sent + PRESENCE_EVERY - self.loop.time()
             self.loop.call_later(max(0, wait), self.send_presence)
 
@@ -231,7 +246,12 @@ class Room:
         A frame that listed everyone let one client renaming 9 times a second make the
         server send 114 MB/s to a room of 900.
         """
-        changes, self.presence_changes = self.presence_changes, []
+        pending, self.presence_changes, self.presence_due = self.presence_changes, {}, False
+        changes = [
+            change for change in itertools.starmap(self.presence_change, pending.values()) if change
+        ]
+        if not changes:  # say, a join and a leave: nobody needs to hear of it
+            return
         self.presence_sent = self.loop.time()
         frame = {"type": "presence", "changes": changes}
         if len(changes) == 1:
@@ -239,6 +259,17 @@ class Room:
         self.send_to_all(frame)
         for change in changes:
             self.count_online(change)
+
+    @staticmethod
+    def presence_change(before, after):
+        """One connection's change as a presence frame tells it (None for no change at all)."""
+        if before == after:  # a join then a leave, or a rename and back
+            return None
+        if before is None:
+            return {"joined": after}
+        if after is None:
+            return {"left": before}
+        return {"renamed": {"from": before, "to": after}}
 
     def count_online(self, change):
         """Keep `online` as the presence frames sent so far tell it (see history_frame())."""
@@ -269,8 +300,40 @@ class Room:
         return [self.messages[i] for i in range(start, stop)]
 
     def guest_name(self):
+        """The next guest-N that nobody goes by."""
         self.guests += 1
+        while name_key(f"guest-{self.guests}") in self.holders:
+            self.guests += 1
         return f"guest-{self.guests}"
+
+    def hold_name(self, connection, name):
+        """Let this connection go by `name` (returned), unless someone else holds it online.
+
+        As IRC refuses a nick in use: "someone else" is another client address, so one
+        person's two tabs (one address) may share a name. Names are compared by name_key():
+        "Bob" is taken when "bob" is. Held from the join until the connection goes; with
+        --redis, among the clients of this process.
+        """
+        address, key = client_address(connection), name_key(name)
+        self.check_name_is_free(name, address)
+        self.let_go_of_name(connection)
+        self.names[connection] = address, key
+        self.holders[key][address] += 1
+        return name
+
+    def check_name_is_free(self, name, address):
+        """NameTaken if a client at another address than `address` goes by `name`."""
+        if set(self.holders.get(name_key(name), ())) - {address}:
+            raise NameTaken(name)
+
+    def let_go_of_name(self, connection):
+        if connection in self.names:
+            address, key = self.names.pop(connection)
+            self.holders[key][address] -= 1
+            if not self.holders[key][address]:
+                del self.holders[key][address]
+            if not self.holders[key]:
+                del self.holders[key]
 
     def check_http_rate(self, address):
         """The same limit for HTTP posts as for a websocket, per client address."""
@@ -358,6 +421,13 @@ class TooFast(BadInput):
         super().__init__("too many messages too fast: wait a second")
 
 
+class NameTaken(BadInput):
+    """Someone at another address goes by this name in the room."""
+
+    def __init__(self, name):
+        super().__init__(f"the name {name!r} is taken: someone else in the room goes by it")
+
+
 class RoomUnavailable(Exception):
     """The room cannot store messages right now (with --redis: Redis is away)."""
 
@@ -368,11 +438,65 @@ def clean_text(value):
 
 
 def clean_name(value):
-    """A display name, with no control characters (a newline in the online list helps nobody)."""
+    """A display name that shows what it is: no control or format characters, something
+    visible, no pile of combining marks. NFC, so "é" is one character however it was typed."""
+    if isinstance(value, str):
+        value = unicodedata.normalize("NFC", value)
     name = trimmed(value, "name", MAX_NAME)
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise BadInput("name has control characters")
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
+        raise BadInput("name has control characters")  # a newline in the online list helps nobody
+    check_format_characters(name)
+    if all(is_invisible(c) for c in name):
+        raise BadInput("name shows nothing: it has only white space, invisible or combining marks")
+    if longest_run_of_marks(name) > MAX_MARKS:
+        raise BadInput(f"name has more than {MAX_MARKS} combining marks in a row")
     return name
+
+
+# Format characters (Unicode Cf) draw nothing and change how what follows them is drawn:
+# U+202E reverses the rest of the line, U+200B is a name of nothing. Only the joiners stay,
+# inside a word: Persian needs U+200C, emoji such as 👩‍💻 need U+200D.
+JOINERS = "\u200c\u200d"
+# Draw nothing, though Unicode does not call them format characters: fillers and a blank,
+# which make "bob" and "bob\u3164" two names that look the same.
+BLANKS = "\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5"
+# Combining marks pile up above or below the letter before them: 31 drew over the messages
+# next to the name. A few in a row are real writing, after NFC: Thai needs 2, pointed
+# Hebrew and Tibetan stacks 3.
+MAX_MARKS = 3
+
+
+def check_format_characters(name):
+    for i, c in enumerate(name):
+        if unicodedata.category(c) != "Cf" and c not in BLANKS:
+            continue
+        inside_a_word = 0 < i < len(name) - 1 and not any(
+            n.isspace() or unicodedata.category(n) == "Cf" for n in (name[i - 1], name[i + 1])
+        )
+        if c not in JOINERS or not inside_a_word:
+            raise BadInput(
+                f"name has an invisible format character (U+{ord(c):04X}, "
+                f"{unicodedata.name(c, 'unnamed')}): bidi controls and the like are not allowed"
+            )
+
+
+def is_invisible(c):
+    """True if the character draws nothing by itself (a mark needs a letter to sit on)."""
+    return c.isspace() or unicodedata.category(c) in ("Cf", "Mn", "Me", "Mc")
+
+
+def longest_run_of_marks(name):
+    run = longest = 0
+    for c in name:
+        run = run + 1 if unicodedata.category(c) in ("Mn", "Me") else 0
+        longest = max(longest, run)
+    return longest
+
+
+def name_key(name):
+    """What makes two names the same name to people: "Bob", "BOB" and "ｂｏｂ" are one,
+    and so are "bob" and "b\u200cob" (a joiner shows nothing between two letters)."""
+    return unicodedata.normalize("NFKC", name).casefold().translate({ord(c): None for c in JOINERS})
 
 
 def trimmed(value, field, limit):
@@ -483,8 +607,8 @@ async def echo(connection):
 async def chat(connection):
     """One client in the room: history first, then its frames until it goes."""
     name, since, errors = read_query(connection)
-    await room.join(connection, name, since)
     try:
+        await room.join(connection, name, since)
         for error in errors:  # a bad name or since in the URL: said once the client listens
             await send_error(connection, error)
         bucket = TokenBucket()
@@ -499,7 +623,12 @@ async def chat(connection):
                     raise TooFast()
                 await handle_frame(connection, data)
             except (BadInput, RoomUnavailable) as error:
-                await send_error(connection, str(error), data.get("ref"))
+                if data.get("type") == "name":  # the page puts its name box back to the room's
+                    await send_error(
+                        connection, f"rename refused: {error}", name=room.clients[connection]
+                    )
+                else:
+                    await send_error(connection, str(error), data.get("ref"))
     finally:
         room.leave(connection)
 
@@ -536,14 +665,17 @@ async def post_from(connection, text, ref):
         await connection.send(json.dumps(message, ensure_ascii=False))
 
 
-async def send_error(connection, error, ref=None):
-    """The error, with the `ref` of the message it refuses, so the page knows which one."""
+async def send_error(connection, error, ref=None, name=None):
+    """The error, with the `ref` of the message it refuses, so the page knows which one
+    (or for a refused rename, the `name` the room still knows)."""
     frame = {
         "type": "error",
         "error": error,
     }
     if is_ref(ref):
         frame["ref"] = ref
+    if name is not None:
+        frame["name"] = name
     await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
@@ -559,7 +691,8 @@ def read_query(connection):
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
     name, since, errors = None, None, []
     try:
-        name = clean_name(query["name"][0]) if "name" in query else None
+        if "name" in query:  # held from now on, so two people cannot join as one name at once
+            name = room.hold_name(connection, clean_name(query["name"][0]))
     except BadInput as error:
         errors.append(str(error))
     try:
@@ -568,7 +701,12 @@ def read_query(connection):
         errors.append(str(error))
     if query.get("room", [room.room_id])[0] != room.room_id:
         since = None  # ids began again in this room: the client's `since` means nothing here
-    return name or room.guest_name(), since, errors
+    return name or room.hold_name(connection, room.guest_name()), since, errors
+
+
+def client_address(connection):
+    """The address of the client at the other end of a websocket connection."""
+    return connection.remote_address[0]
 
 
 def check_request(connection, request, max_clients):
@@ -720,10 +858,15 @@ def add_http_message(request, response, name, text, ref):
         response.status = hug.HTTP_429
         response.set_header("Retry-After", "1")
         return {"errors": {"text": str(error)}}
+    except NameTaken as error:
+        response.status = hug.HTTP_409
+        return {"errors": {"name": str(error)}}
 
 
 async def post_in_room(address, name, text, ref):
     room.check_http_rate(address)
+    if name:  # a name someone else goes by in the room is theirs, over HTTP too
+        room.check_name_is_free(name, address)
     return await room.post(name or room.guest_name(), text, ref)
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from pathlib import Path
 
@@ -510,7 +511,8 @@ def test_presence_on_join_rename_and_leave(server):
             "changes": [{"joined": "alice"}],
         }
         with joined(server, name="bob") as (bob, bobs_history):
-            bob.send(json.dumps({"type": "name", "name": "robert"}))
+            presence_changes(bob, until=lambda changes: {"joined": "bob"} in changes)
+            bob.send(json.dumps({"type": "name", "name": "robert"}))  # after his join went out
             changes = presence_changes(alice, until=lambda changes: len(changes) == 2)
             assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
             assert bobs_history["online"] == ["alice"]
@@ -1962,12 +1964,14 @@ def test_two_people_may_share_a_name_and_each_is_counted(server):
 
 
 def test_a_presence_frame_for_several_changes_carries_them_only_in_changes(server):
-    with joined(server, name="watcher") as (watcher, _), joined(server, name="a") as (renamer, _):
-        presence_frames(watcher, 2)  # the two joins
-        for name in ["b", "c", "d"]:  # at once: the 2nd and 3rd wait for the next 0.25 s window
-            renamer.send(json.dumps({"type": "name", "name": name}))
+    with contextlib.ExitStack() as stack:
+        watcher, _ = stack.enter_context(joined(server, name="watcher"))
+        renamers = [stack.enter_context(joined(server, name=f"a{n}"))[0] for n in range(3)]
+        presence_frames(watcher, 4)  # the joins
+        for n, renamer in enumerate(renamers):  # at once: the 2nd and 3rd wait for the next window
+            renamer.send(json.dumps({"type": "name", "name": f"b{n}"}))
         frames = presence_frames(watcher, 3)
-    assert [change["renamed"]["to"] for change in all_changes(frames)] == ["b", "c", "d"]
+    assert sorted(change["renamed"]["to"] for change in all_changes(frames)) == ["b0", "b1", "b2"]
     for frame in frames:
         if len(frame["changes"]) == 1:
             assert frame["renamed"] == frame["changes"][0]["renamed"]  # one change: also at the top
@@ -3630,3 +3634,194 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
         connection.close()
 
     assert steps.unused == [], "walkthrough commands this test does not run: teach it the new step"
+
+
+# --- A programming workshop, server side: names belong to people, presence reads right,
+# a restart keeps the room (issue 23) -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def joined_from(servers, source, **query):
+    """joined(), from the loopback address `source` (127.0.0.0/8 is all this machine): another
+    address is another person to the room."""
+    with connect(
+        ws_url(servers, **query), open_timeout=5, max_queue=None, source_address=(source, 0)
+    ) as ws:
+        yield ws, receive_history(ws)
+
+
+def rename(ws, name):
+    ws.send(json.dumps({"type": "name", "name": name}))
+
+
+def test_a_name_held_online_at_another_address_is_refused_on_join_naming_it(server):
+    with (
+        joined_from(server, "127.0.0.1", name="bob"),
+        joined_from(server, "127.0.0.2", name="Bob") as (ws, history),
+    ):
+        assert history["name"].startswith("guest-")
+        assert "'Bob' is taken" in receive(ws, "error")["error"]
+
+
+def test_one_address_may_share_a_name_between_its_tabs(server):
+    with (
+        joined_from(server, "127.0.0.3", name="bob"),
+        joined_from(server, "127.0.0.3", name="bob") as (ws, history),
+    ):
+        assert history["name"] == "bob"
+        ws.send("hi")
+        assert receive(ws, "message")["name"] == "bob"
+
+
+def test_a_rename_to_a_name_held_at_another_address_is_refused_with_the_name_kept(server):
+    with (
+        joined_from(server, "127.0.0.1", name="bob"),
+        joined_from(server, "127.0.0.2", name="carol") as (ws, _),
+    ):
+        rename(ws, "BOB")
+        error = receive(ws, "error")
+        assert error["error"].startswith("rename refused: ") and "'BOB' is taken" in error["error"]
+        assert error["name"] == "carol"
+        ws.send("still carol")
+        assert receive(ws, "message")["name"] == "carol"
+
+
+def test_a_name_is_free_again_once_its_holder_left(server):
+    with joined_from(server, "127.0.0.1", name="bob"):
+        pass
+    with joined_from(server, "127.0.0.2", name="bob") as (_, history):
+        assert history["name"] == "bob"
+
+
+def test_an_http_post_under_a_name_held_online_at_another_address_is_a_409(server):
+    with joined_from(server, "127.0.0.2", name="bob"):
+        status, body = post(server.port, "/messages", {"name": "bob", "text": "hi"})
+        assert status == 409 and "'bob' is taken" in body["errors"]["name"]
+        assert (
+            post(server.port, "/messages", {"name": "bob", "text": "me"}, source="127.0.0.2")[0]
+            == 201
+        )
+    assert stored_texts(server.port) == ["me"]
+
+
+def test_a_refused_rename_for_going_too_fast_says_so_and_keeps_the_name(server):
+    with joined(server, name="n0") as (ws, _):
+        for n in range(1, 41):  # twice the burst, at once
+            rename(ws, f"n{n}")
+        error = receive(ws, "error")
+    assert error["error"] == "rename refused: too many messages too fast: wait a second"
+    assert error["name"] == "n20"  # the burst of 20 went through, and the room knows the last
+
+
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("\u202eevil", "format character (U+202E"),  # right-to-left override
+        ("ali\u2066ce", "format character (U+2066"),  # a bidi isolate
+        ("\u200b", "format character (U+200B"),  # zero width space
+        ("\u200dbob", "format character (U+200D"),  # a joiner outside a word
+        ("bob\u3164", "format character (U+3164"),  # a Hangul filler: "bob" to the eye
+        (" \u0301\u0302 ", "name shows nothing"),  # marks with no letter
+        ("x" + "\u0301\u0302\u0303\u0304\u0305", "more than 3 combining marks in a row"),
+        ("a" + "\u0300" * 31, "more than 3 combining marks in a row"),
+        ("bo\u2028b", "control characters"),  # a line separator
+    ],
+)
+def test_names_that_garble_or_hide_are_refused_naming_the_rule(server, name, rule):
+    status, body = post(server.port, "/messages", {"name": name, "text": "hi"})
+    assert status == 400 and rule in body["errors"]["name"]
+    with joined(server, name="kept") as (ws, _):
+        rename(ws, name)
+        error = receive(ws, "error")
+        assert error["error"].startswith("rename refused: ") and rule in error["error"]
+        assert error["name"] == "kept"
+    with joined(server, name=name) as (ws, history):
+        assert history["name"].startswith("guest-") and rule in receive(ws, "error")["error"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Nguye\u0302\u0303n",  # Vietnamese, typed as marks: stored composed (NFC), "Nguyễn"
+        "أحمد",
+        "می\u200cخواهم",  # Persian: a zero width non-joiner inside the word
+        "👩\u200d💻",  # an emoji sequence: a zero width joiner between two emoji
+        "🏳\ufe0f\u200d🌈",
+        "שָּׁלוֹם",  # pointed Hebrew: three marks on one letter
+        "1\ufe0f\u20e3",  # a keycap emoji: two marks
+    ],
+)
+def test_names_of_real_writing_and_emoji_are_accepted(server, name):
+    status, message = post(server.port, "/messages", {"name": name, "text": "hi"})
+    assert status == 201 and message["name"] == unicodedata.normalize("NFC", name)
+
+
+WINDOW = 1  # seconds: a presence interval long enough that a client's few frames fall in one
+
+
+@pytest.fixture
+def slow_presence(server, monkeypatch):
+    monkeypatch.setattr(chat, "PRESENCE_EVERY", WINDOW)
+    return server
+
+
+@contextlib.contextmanager
+def watching(servers):
+    """A client whose own join has just gone out: the changes that follow wait for one window."""
+    with joined(servers, name="watcher") as (watcher, _):
+        presence_changes(watcher, until=lambda changes: {"joined": "watcher"} in changes)
+        yield watcher
+
+
+def changes_until_joined(watcher, name):
+    return presence_changes(watcher, until=lambda changes: {"joined": name} in changes)
+
+
+def test_a_join_then_a_rename_in_one_interval_is_one_join_under_the_new_name(slow_presence):
+    with watching(slow_presence) as watcher, joined(slow_presence) as (newcomer, _):
+        rename(newcomer, "alice")
+        frame = receive(watcher, "presence")
+    assert frame == {"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}
+
+
+def test_a_join_then_a_leave_in_one_interval_is_nothing(slow_presence):
+    with watching(slow_presence) as watcher:
+        with joined(slow_presence, name="ghost"):
+            pass
+        with joined(slow_presence, name="marker"):
+            assert changes_until_joined(watcher, "marker") == [{"joined": "marker"}]
+
+
+def test_renames_in_one_interval_are_one_rename(slow_presence):
+    with joined(slow_presence, name="a") as (a, _), watching(slow_presence) as watcher:
+        rename(a, "b")
+        rename(a, "c")
+        with joined(slow_presence, name="marker"):
+            changes = changes_until_joined(watcher, "marker")
+    assert changes == [{"renamed": {"from": "a", "to": "c"}}, {"joined": "marker"}]
+
+
+def test_a_rename_then_a_leave_in_one_interval_is_a_leave_under_the_old_name(slow_presence):
+    with joined(slow_presence, name="a") as (a, _), watching(slow_presence) as watcher:
+        rename(a, "b")
+        a.close()
+        with joined(slow_presence, name="marker"):
+            changes = changes_until_joined(watcher, "marker")
+    assert changes == [{"left": "a"}, {"joined": "marker"}]
+
+
+def test_a_rename_to_the_same_name_is_no_change(server):
+    with joined(server, name="a") as (a, _), watching(server) as watcher:
+        rename(a, "a")
+        with joined(server, name="marker"):
+            assert changes_until_joined(watcher, "marker") == [{"joined": "marker"}]
+
+
+def test_online_in_history_stays_exact_while_changes_are_coalesced(slow_presence):
+    with watching(slow_presence) as watcher, joined(slow_presence) as (newcomer, _):
+        rename(newcomer, "alice")
+        with joined(slow_presence, name="late") as (late, history):
+            changes = changes_until_joined(late, "late")
+            assert {"joined": "alice"} in changes_until_joined(watcher, "late")
+    online = history["online"] + [change["joined"] for change in changes]
+    assert sorted(online) == ["alice", "late", "watcher"]
