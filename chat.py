@@ -1358,7 +1358,10 @@ ONCE_PER_INTERVAL = OncePerInterval()
 
 
 def log_repeated_errors_once():
-    for name in ("waitress", "asyncio", "websockets.server"):
+    """A logger's filter sees only what is logged to that logger, not to its children: so
+    "waitress.queue" too, whose "Task queue depth is 1" came with every request that waited
+    a moment for one of waitress's threads (many a second in a busy room)."""
+    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server"):
         logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
 
 

@@ -3825,3 +3825,19 @@ def test_online_in_history_stays_exact_while_changes_are_coalesced(slow_presence
             assert {"joined": "alice"} in changes_until_joined(watcher, "late")
     online = history["online"] + [change["joined"] for change in changes]
     assert sorted(online) == ["alice", "late", "watcher"]
+
+
+def test_waitress_task_queue_warnings_come_once_per_interval_not_per_request(
+    server, caplog, monkeypatch
+):
+    monkeypatch.setattr(chat.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
+    busy = threading.Event()
+    server.loop.call_soon_threadsafe(busy.wait, 10)  # the loop is busy: requests wait for it
+    with concurrent.futures.ThreadPoolExecutor(12) as clients:
+        answers = [clients.submit(request, server.port, "GET", "/health") for _ in range(12)]
+        queue = server.http_server.task_dispatcher.queue
+        wait_until(lambda: len(queue) >= 6, what="requests queued for waitress's threads")
+        busy.set()
+        assert [answer.result().status for answer in answers] == [200] * 12
+    warnings = [r for r in caplog.records if r.getMessage().startswith("Task queue depth is")]
+    assert len(warnings) == 1
