@@ -30,10 +30,12 @@ import itertools
 import json
 import logging
 import operator
+import queue
 import re
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -582,6 +584,176 @@ class TokenBucket:
             return False
         self.tokens -= 1
         return True
+
+
+# Keeping the room over a restart: --store FILE, in SQLite .................................
+
+
+class StoredRoom(Room):
+    """The room, with its history kept in an SQLite file too (--store FILE): ids, the room
+    id, the kept messages and their refs survive a restart, so pages resume as if nothing
+    happened.
+
+    Clients are still served from the history in memory. The file is written by a thread of
+    its own (HistoryFile), so the event loop never waits for the disk; a message is
+    delivered, and its 201 sent, once that thread has it on disk. So a crash loses only
+    messages nobody was told were stored (the page sends them again, with their ref). Ids
+    are given here, in the loop, and the thread writes in that order and answers in it.
+    """
+
+    def __init__(self, history, loop, ws_port, path):
+        super().__init__(history, loop, ws_port)
+        self.file = HistoryFile(path, history)
+        self.room_id, self.guests, kept = self.file.open(self.room_id)
+        for message in kept:
+            self.deliver(message)  # to nobody yet: it keeps the message and its ref
+        self.next_id = self.last_id + 1  # given to the next post; last_id is the last delivered
+        self.writing = {}  # ref -> the future of its message, on its way to the disk
+
+    async def post(self, name, text, ref=None):
+        """Room.post(), delivering once the message is on disk."""
+        if ref in self.refs:
+            return self.refs[ref], False
+        if ref is not None and ref in self.writing:  # sent again before the first was on disk
+            return await asyncio.shield(self.writing[ref]), False
+        message = {"type": "message", "id": self.next_id, "name": name, "text": text}
+        message["ts"] = utc_now()
+        if ref is not None:
+            message["ref"] = ref
+        self.next_id += 1
+        written = self.loop.create_future()
+        if ref is not None:
+            self.writing[ref] = written
+        self.file.write(message, self.guests, functools.partial(self.on_disk, message, written))
+        return await asyncio.shield(written), True  # shield: the delivery happens regardless
+
+    def on_disk(self, message, written, error):
+        """Called by the writer thread, in id order; delivers in the loop, in the same order."""
+        self.loop.call_soon_threadsafe(self.deliver_written, message, written, error)
+
+    def deliver_written(self, message, written, error):
+        self.writing.pop(message.get("ref"), None)  # from now on, self.refs has it
+        if error:
+            log.error("--store: cannot write message %s: %s", message["id"], error)
+            written.set_exception(
+                RoomUnavailable("the chat cannot store messages right now: try again soon")
+            )
+        else:
+            written.set_result(self.deliver(message))
+
+    async def close(self):
+        """Waits for the writes under way: the servers stopped first, so no post comes."""
+        self.file.close()
+
+
+log = logging.getLogger("chat")
+
+
+class HistoryFile:
+    """The kept messages in an SQLite file, written by one thread, in order.
+
+    Whatever waits when the thread is ready is written in one transaction: one wait for
+    the disk (fsync, a few ms) for all of them. WAL with synchronous=FULL: a transaction is
+    on disk when it commits, even over a power cut. The file keeps --history messages,
+    like the room; an exclusive lock keeps a second chat.py from writing it too.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS room (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS messages (
+            id INTEGER PRIMARY KEY, name TEXT NOT NULL, text TEXT NOT NULL, ts TEXT NOT NULL,
+            ref TEXT
+        );
+    """
+
+    def __init__(self, path, history):
+        self.path, self.history = path, history
+        self.waiting = queue.SimpleQueue()  # (message, guests, done), then None to stop
+        self.writer = threading.Thread(target=self.write_all, name="store")
+
+    def open(self, new_room_id):
+        """The room id (new_room_id for a new file), the guest count, the kept messages."""
+        try:
+            self.db = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = WAL", "synchronous = FULL"):
+                self.db.execute(f"PRAGMA {pragma}")
+            self.db.executescript(self.SCHEMA)
+            self.db.execute("INSERT OR IGNORE INTO room VALUES ('id', ?)", (new_room_id,))
+            room = dict(self.db.execute("SELECT key, value FROM room"))
+            rows = self.db.execute(
+                "SELECT * FROM (SELECT id, name, text, ts, ref FROM messages"
+                " ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (self.history,),
+            ).fetchall()
+        except sqlite3.Error as error:
+            self.close()
+            raise RoomUnavailable(f"cannot use --store {self.path}: {store_error(error)}") from None
+        self.writer.start()
+        return room["id"], int(room.get("guests", 0)), [stored_message(*row) for row in rows]
+
+    def write(self, message, guests, done):
+        """From the loop: write soon, then call done(None), or done(error) if it failed."""
+        self.waiting.put((message, guests, done))
+
+    def write_all(self):
+        """The writer thread."""
+        while True:
+            batch = [self.waiting.get()]
+            while not self.waiting.empty():
+                batch.append(self.waiting.get())
+            stopping = batch[-1] is None  # close() comes after every write
+            if stopping:
+                batch.pop()
+            if batch:
+                error = self.write_batch(batch)
+                for _, _, done in batch:
+                    done(error)
+            if stopping:
+                return
+
+    def write_batch(self, batch):
+        """One transaction; None, or the error that rolled it back."""
+        messages, guests = [message for message, _, _ in batch], batch[-1][1]
+        try:
+            self.db.execute("BEGIN")
+            self.db.executemany(
+                "INSERT INTO messages VALUES (:id, :name, :text, :ts, :ref)",
+                [{"ref": None, **message} for message in messages],
+            )
+            # Ids have no gaps but after a failed write: this keeps --history at most.
+            self.db.execute(
+                "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
+            )
+            self.db.execute("INSERT OR REPLACE INTO room VALUES ('guests', ?)", (str(guests),))
+            self.db.execute("COMMIT")
+            return None
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            return error
+
+    def close(self):
+        if self.writer.is_alive():
+            self.waiting.put(None)
+            self.writer.join()  # the writes under way take milliseconds
+        if hasattr(self, "db"):
+            self.db.close()
+
+
+def stored_message(id, name, text, ts, ref):
+    """A row of the file as the message the room sends (the same keys, in the same order)."""
+    message = {"type": "message", "id": id, "name": name, "text": text, "ts": ts}
+    if ref is not None:
+        message["ref"] = ref
+    return message
+
+
+def store_error(error):
+    if "locked" in str(error):
+        return "it is in use (is another chat.py running with it?)"
+    return str(error)
 
 
 # --- The websocket handlers -----------------------------------------------------------
@@ -1156,12 +1328,20 @@ def bad_body(exception, response):
 # --- Start-up and shutdown ------------------------------------------------------------
 
 
-async def open_room(redis_url, history, loop, ws_port):
-    """The room in this process, or with --redis the room in Redis (redis_room.py).
+async def open_room(redis_url, history, loop, ws_port, store=None):
+    """The room in this process, with --store kept in a file too, or with --redis the room
+    in Redis (redis_room.py).
 
     redis_room is imported only when asked for: the default chat needs neither Redis nor
     its client.
     """
+    if redis_url and store:
+        raise RoomUnavailable(
+            "--store and --redis do not go together: with --redis the room is in Redis, "
+            "which keeps it over a restart with its own persistence (appendonly yes)"
+        )
+    if store:
+        return StoredRoom(history, loop, ws_port, store)
     if not redis_url:
         return Room(history, loop, ws_port)
     try:
@@ -1185,6 +1365,7 @@ class Servers:
         redis_url=None,
         allowed_hosts=(),
         public_url=None,
+        store=None,
     ):
         self.http_connections, self.max_clients, self.max_connections = connection_limits(
             raise_fd_limit()
@@ -1199,7 +1380,7 @@ class Servers:
             self.port = int(self.http_server.effective_port)
             global policy
             policy = Policy(self.port, allowed_hosts, public_url)
-            starting = self.start_websockets(host, ws_port, history, redis_url)
+            starting = self.start_websockets(host, ws_port, history, redis_url, store)
             self.ws_server = ask_loop(self.loop, starting, timeout=10)
             self.room = room  # the module's `room` too, which the handlers use
             self.ws_port = room.ws_port
@@ -1235,7 +1416,7 @@ class Servers:
             )
         return waitress.create_server(app, host=host, port=port, **settings)
 
-    async def start_websockets(self, host, ws_port, history, redis_url):
+    async def start_websockets(self, host, ws_port, history, redis_url, store=None):
         """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
         global room
         server = await serve(
@@ -1256,7 +1437,7 @@ class Servers:
         )
         loop, real_ws_port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
         try:
-            room = await open_room(redis_url, history, loop, real_ws_port)
+            room = await open_room(redis_url, history, loop, real_ws_port, store)
         except BaseException:
             server.close()
             raise
@@ -1383,6 +1564,7 @@ def main(argv=None):
             args.redis,
             args.allow_host,
             args.public_url,
+            args.store,
         )
     except RoomUnavailable as error:
         print(f"chat.py: error: {error}", file=sys.stderr)
@@ -1453,6 +1635,9 @@ def parse_args(argv):
     parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
     parser.add_argument(
         "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
+    )
+    parser.add_argument(
+        "--store", metavar="FILE", help="keep the history in this SQLite file, over restarts"
     )
     parser.add_argument(
         "--allow-host",
