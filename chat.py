@@ -652,10 +652,14 @@ log = logging.getLogger("chat")
 class HistoryFile:
     """The kept messages in an SQLite file, written by one thread, in order.
 
-    Whatever waits when the thread is ready is written in one transaction: one wait for
-    the disk (fsync, a few ms) for all of them. WAL with synchronous=FULL: a transaction is
-    on disk when it commits, even over a power cut. The file keeps --history messages,
-    like the room; an exclusive lock keeps a second chat.py from writing it too.
+    Whatever waits when the thread is ready is written in one transaction. WAL with
+    synchronous=NORMAL: a committed transaction is in the file, so it survives the chat's
+    process however it ends (kill -9 too); it reaches the disk itself at the next checkpoint,
+    so a power cut or a crash of the whole machine may lose the last ones. synchronous=FULL
+    would wait for the disk (fsync) at every commit: here 1.3 ms at the median but 86 ms at
+    the 99th percentile, and every message would wait for that before it is delivered.
+    The file keeps --history messages, like the room; an exclusive lock keeps a second
+    chat.py from writing it too.
     """
 
     SCHEMA = """
@@ -677,7 +681,11 @@ class HistoryFile:
             self.db = sqlite3.connect(
                 self.path, timeout=0, isolation_level=None, check_same_thread=False
             )
-            for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = WAL", "synchronous = FULL"):
+            for pragma in (
+                "locking_mode = EXCLUSIVE",
+                "journal_mode = WAL",
+                "synchronous = NORMAL",
+            ):
                 self.db.execute(f"PRAGMA {pragma}")
             self.db.executescript(self.SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO room VALUES ('id', ?)", (new_room_id,))
