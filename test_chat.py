@@ -3967,3 +3967,26 @@ def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_
         (first, stored_now), (again, stored_again) = chat.ask_room(twice())
         assert (stored_now, stored_again) == (True, False) and again == first
         assert stored_texts(servers.port) == ["once"]
+
+
+def test_a_store_that_cannot_write_refuses_the_message_and_keeps_serving(tmp_path):
+    with running_servers(store=str(tmp_path / "room.db")) as servers:
+        assert post(servers.port, "/messages", {"text": "before"})[0] == 201
+        db = chat.room.file.db  # the writer's own connection: no write is under way now
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # a full disk, as SQLite sees it
+        with joined(servers) as (ws, _):
+            answers = [post(servers.port, "/messages", {"text": "x" * 2000}) for _ in range(4)]
+            status, body = answers[-1]  # the free room of the file's last page is taken by now
+            assert status == 503 and "cannot store messages" in body["errors"]["room"]
+            ws.send(json.dumps({"type": "message", "text": "y" * 2000, "ref": "y"}))
+            assert receive(ws, "error") == {
+                "type": "error",
+                "error": "the chat cannot store messages right now: try again soon",
+                "ref": "y",
+            }
+            db.execute("PRAGMA max_page_count = 1073741823")  # room again
+            assert post(servers.port, "/messages", {"text": "after"})[0] == 201
+            assert receive(ws, "message")["text"] == "after"  # nothing refused was delivered
+        stored = ["x" * 2000 for status, _ in answers if status == 201]
+        assert stored_texts(servers.port) == ["before", *stored, "after"]
