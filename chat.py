@@ -616,8 +616,13 @@ class StoredRoom(Room):
             return self.refs[ref], False
         if ref is not None and ref in self.writing:  # sent again before the first was on disk
             return await asyncio.shield(self.writing[ref]), False
-        message = {"type": "message", "id": self.next_id, "name": name, "text": text}
-        message["ts"] = utc_now()
+        message = {
+            "type": "message",
+            "id": self.next_id,
+            "name": name,
+            "text": text,
+            "ts": utc_now(),
+        }
         if ref is not None:
             message["ref"] = ref
         self.next_id += 1
