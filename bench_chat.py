@@ -472,15 +472,19 @@ async def resume(server_pid, ws_port, kept, size=2000, window=200):
     memory on top of what it held, and the longest ping (the event loop's stall as another
     client sees it) against the longest ping of the same client with nothing going on."""
     moved = asyncio.Event()
-    (sender,) = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
     sent = 0
-    while sender.last_id < kept:  # fill the room, at most `window` messages in flight
-        while sent < min(kept, sender.last_id + window):
-            sent += 1
-            sender.send(text_of(sent, size))
-        moved.clear()
-        await asyncio.wait_for(moved.wait(), 30)
-    close_all([sender])
+    while sent < kept:  # fill the room, at most `window` messages in flight
+        # A fresh sender for each 10,000: Client answers no pings, and a loaded machine took
+        # longer than the ping timeout (40 s) to fill 100,000, and the sender was dropped.
+        (sender,) = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
+        until = min(kept, sent + 10_000)
+        while sender.last_id < until:  # its history says where the room is
+            while sent < min(until, sender.last_id + window):
+                sent += 1
+                sender.send(text_of(sent, size))
+            moved.clear()
+            await asyncio.wait_for(moved.wait(), 30)
+        close_all([sender])
 
     from websockets.asyncio.client import connect
 
