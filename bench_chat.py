@@ -574,7 +574,7 @@ def scenarios(quick):
                 f"latency at 20 msg/s, {n} receivers: --store, against the in-process list",
                 {"receivers": n, "seconds": seconds * 2, "versus": "store"},
             )
-            for n in ((100,) if quick else (1000,))
+            for n in ((100,) if quick else (100, 1000))
         ]
         + [
             (
