@@ -703,8 +703,9 @@ class HistoryFile:
         except sqlite3.Error as error:
             self.close()
             raise RoomUnavailable(f"cannot use --store {self.path}: {store_error(error)}") from None
+        self.guests_written = int(room.get("guests", 0))
         self.writer.start()
-        return room["id"], int(room.get("guests", 0)), [stored_message(*row) for row in rows]
+        return room["id"], self.guests_written, [stored_message(*row) for row in rows]
 
     def write(self, message, guests, done):
         """From the loop: write soon, then call done(None), or done(error) if it failed."""
@@ -727,7 +728,8 @@ class HistoryFile:
                 return
 
     def write_batch(self, batch):
-        """One transaction; None, or the error that rolled it back."""
+        """One transaction; None, or the error that rolled it back. As few statements as it
+        takes: each lets go of Python's GIL and takes it back from the busy event loop."""
         messages, guests = [message for message, _, _ in batch], batch[-1][1]
         try:
             self.db.execute("BEGIN")
@@ -736,11 +738,14 @@ class HistoryFile:
                 [{"ref": None, **message} for message in messages],
             )
             # Ids have no gaps but after a failed write: this keeps --history at most.
-            self.db.execute(
-                "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
-            )
-            self.db.execute("INSERT OR REPLACE INTO room VALUES ('guests', ?)", (str(guests),))
+            if messages[-1]["id"] > self.history:
+                self.db.execute(
+                    "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
+                )
+            if guests != self.guests_written:
+                self.db.execute("INSERT OR REPLACE INTO room VALUES ('guests', ?)", (str(guests),))
             self.db.execute("COMMIT")
+            self.guests_written = guests
             return None
         except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
