@@ -603,7 +603,7 @@ class StoredRoom(Room):
 
     def __init__(self, history, loop, ws_port, path):
         super().__init__(history, loop, ws_port)
-        self.file = HistoryFile(path, history)
+        self.file = HistoryFile(path, history, self.on_disk)
         self.room_id, self.guests, kept = self.file.open(self.room_id)
         for message in kept:
             self.deliver(message)  # to nobody yet: it keeps the message and its ref
@@ -629,22 +629,25 @@ class StoredRoom(Room):
         written = self.loop.create_future()
         if ref is not None:
             self.writing[ref] = written
-        self.file.write(message, self.guests, functools.partial(self.on_disk, message, written))
+        self.file.write(message, self.guests, (message, written))
         return await asyncio.shield(written), True  # shield: the delivery happens regardless
 
-    def on_disk(self, message, written, error):
-        """Called by the writer thread, in id order; delivers in the loop, in the same order."""
-        self.loop.call_soon_threadsafe(self.deliver_written, message, written, error)
+    def on_disk(self, written, error):
+        """Called by the writer thread with what it wrote, in id order; delivers in the loop,
+        in the same order."""
+        self.loop.call_soon_threadsafe(self.deliver_written, written, error)
 
-    def deliver_written(self, message, written, error):
-        self.writing.pop(message.get("ref"), None)  # from now on, self.refs has it
+    def deliver_written(self, written, error):
         if error:
-            log.error("--store: cannot write message %s: %s", message["id"], error)
-            written.set_exception(
-                RoomUnavailable("the chat cannot store messages right now: try again soon")
-            )
-        else:
-            written.set_result(self.deliver(message))
+            log.error("--store: cannot write messages: %s", error)
+        for message, answer in written:
+            self.writing.pop(message.get("ref"), None)  # from now on, self.refs has it
+            if error:
+                answer.set_exception(
+                    RoomUnavailable("the chat cannot store messages right now: try again soon")
+                )
+            else:
+                answer.set_result(self.deliver(message))
 
     async def close(self):
         """Waits for the writes under way: the servers stopped first, so no post comes."""
@@ -667,6 +670,8 @@ class HistoryFile:
     chat.py from writing it too.
     """
 
+    BATCH = 1000  # messages at most in one INSERT (SQLite takes up to 32,766 values)
+    TRIM_EVERY = 100  # messages: the file holds up to --history + 100 between trims
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS room (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS messages (
@@ -675,9 +680,10 @@ class HistoryFile:
         );
     """
 
-    def __init__(self, path, history):
+    def __init__(self, path, history, on_written):
         self.path, self.history = path, history
-        self.waiting = queue.SimpleQueue()  # (message, guests, done), then None to stop
+        self.on_written = on_written  # called by the writer with [what write() had], error
+        self.waiting = queue.SimpleQueue()  # (message, guests, what to hand back), None to stop
         self.writer = threading.Thread(target=self.write_all, name="store")
 
     def open(self, new_room_id):
@@ -707,50 +713,51 @@ class HistoryFile:
         self.writer.start()
         return room["id"], self.guests_written, [stored_message(*row) for row in rows]
 
-    def write(self, message, guests, done):
-        """From the loop: write soon, then call done(None), or done(error) if it failed."""
-        self.waiting.put((message, guests, done))
+    def write(self, message, guests, handle):
+        """From the loop: write soon, then hand `handle` back to on_written() with the others
+        of its batch, and None, or the error if it failed."""
+        self.waiting.put((message, guests, handle))
 
     def write_all(self):
         """The writer thread."""
         while True:
             batch = [self.waiting.get()]
-            while not self.waiting.empty():
+            while len(batch) < self.BATCH and not self.waiting.empty():
                 batch.append(self.waiting.get())
             stopping = batch[-1] is None  # close() comes after every write
             if stopping:
                 batch.pop()
             if batch:
                 error = self.write_batch(batch)
-                for _, _, done in batch:
-                    done(error)
+                self.on_written([handle for _, _, handle in batch], error)
             if stopping:
                 return
 
     def write_batch(self, batch):
-        """One transaction; None, or the error that rolled it back. As few statements as it
-        takes: each lets go of Python's GIL and takes it back from the busy event loop."""
+        """One INSERT of the whole batch, its own transaction; None, or the error that undid it.
+
+        One statement, not BEGIN, INSERT, COMMIT: each lets go of Python's GIL and takes it
+        back from the busy event loop, and on a loaded machine each of those hand-offs can
+        cost the loop a time slice."""
         messages, guests = [message for message, _, _ in batch], batch[-1][1]
+        rows = [(m["id"], m["name"], m["text"], m["ts"], m.get("ref")) for m in messages]
         try:
-            self.db.execute("BEGIN")
-            self.db.executemany(
-                "INSERT INTO messages VALUES (:id, :name, :text, :ts, :ref)",
-                [{"ref": None, **message} for message in messages],
+            self.db.execute(
+                "INSERT INTO messages VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
+                [value for row in rows for value in row],
             )
-            # Ids have no gaps but after a failed write: this keeps --history at most.
-            if messages[-1]["id"] > self.history:
+        except sqlite3.Error as error:
+            return error
+        with contextlib.suppress(sqlite3.Error):  # the messages are kept: these can wait
+            if messages[-1]["id"] % self.TRIM_EVERY < len(messages):  # once in a while
+                # Ids have no gaps but after a failed write: this keeps --history at most.
                 self.db.execute(
                     "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
                 )
             if guests != self.guests_written:
                 self.db.execute("INSERT OR REPLACE INTO room VALUES ('guests', ?)", (str(guests),))
-            self.db.execute("COMMIT")
-            self.guests_written = guests
-            return None
-        except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            return error
+                self.guests_written = guests
+        return None
 
     def close(self):
         if self.writer.is_alive():

@@ -3926,17 +3926,23 @@ def test_a_client_resuming_over_a_restart_misses_nothing_and_gets_nothing_twice(
     ]
 
 
-def test_the_store_keeps_history_messages_at_most(chat_process, tmp_path):
+def test_a_restart_keeps_the_newest_history_messages(chat_process, tmp_path):
     store = str(tmp_path / "room.db")
     before = started(chat_process, "--store", store, "--history", "3")
     for n in range(1, 6):
         post(before.port, "/messages", {"text": f"m{n}"})
     crash(before)
-    with contextlib.closing(sqlite3.connect(store)) as db:
-        assert db.execute("SELECT id FROM messages ORDER BY id").fetchall() == [(3,), (4,), (5,)]
     after = started(chat_process, "--store", store, "--history", "3")
     assert stored_texts(after.port) == ["m3", "m4", "m5"]
     assert post(after.port, "/messages", {"text": "m6"})[1]["id"] == 6
+
+
+def test_the_store_file_is_bounded_by_history(tmp_path):
+    with running_servers(history=3, store=str(tmp_path / "room.db")):
+        seed(250)
+    with contextlib.closing(sqlite3.connect(tmp_path / "room.db")) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM messages ORDER BY id")]
+    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + chat.HistoryFile.TRIM_EVERY
 
 
 def test_guest_numbers_go_on_over_a_restart(chat_process, tmp_path):
