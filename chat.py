@@ -666,8 +666,8 @@ class HistoryFile:
     so a power cut or a crash of the whole machine may lose the last ones. synchronous=FULL
     would wait for the disk (fsync) at every commit: here 1.3 ms at the median but 86 ms at
     the 99th percentile, and every message would wait for that before it is delivered.
-    The file keeps --history messages, like the room; an exclusive lock keeps a second
-    chat.py from writing it too.
+    The file keeps --history messages, like the room (and up to TRIM_EVERY more between
+    trims); an exclusive lock keeps a second chat.py from writing it too.
     """
 
     BATCH = 1000  # messages at most in one INSERT (SQLite takes up to 32,766 values)
