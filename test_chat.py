@@ -3705,6 +3705,19 @@ def test_an_http_post_under_a_name_held_online_at_another_address_is_a_409(serve
     assert stored_texts(server.port) == ["me"]
 
 
+def test_a_name_is_held_from_the_handshake_while_its_history_still_comes(big_room):
+    sock = socket.socket()  # bob resumes 16 MB of history, and reads none of it yet
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", big_room.ws_port))
+    url = ws_url(big_room, name="bob", since=0)
+    with connect(url, sock=sock, open_timeout=5, close_timeout=1, max_queue=1):
+        wait_until(lambda: server_waits_for_a_client(big_room), what="bob's history waiting")
+        with joined_from(big_room, "127.0.0.2", name="bob") as (ws, history):
+            assert history["name"].startswith("guest-")
+            assert "'bob' is taken" in receive(ws, "error")["error"]
+
+
 def test_a_refused_rename_for_going_too_fast_says_so_and_keeps_the_name(server):
     with joined(server, name="n0") as (ws, _):
         for n in range(1, 41):  # twice the burst, at once
