@@ -37,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -159,7 +160,8 @@ class Server:
 
     def __init__(self, kind, redis_url=None):
         command = [sys.executable, "-c", AIOHTTP if kind == "aiohttp" else BASELINE]
-        if kind == "chat":
+        self.store = None
+        if kind in ("chat", "store"):
             command = [
                 sys.executable,
                 "-c",
@@ -172,6 +174,9 @@ class Server:
                 "100000",
             ]
             command += ["--redis", redis_url] if redis_url else []
+        if kind == "store":  # the chat with its history kept in SQLite, in a fresh file
+            self.store = tempfile.TemporaryDirectory(prefix="bench-store-")
+            command += ["--store", str(Path(self.store.name) / "room.db")]
         self.process = subprocess.Popen(
             command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
@@ -188,6 +193,8 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.store:
+            self.store.cleanup()
 
 
 # --- The load generator: a raw websocket client, cheap enough to run a thousand -------
@@ -481,15 +488,19 @@ async def resume(server_pid, ws_port, kept, size=2000, window=200):
     memory on top of what it held, and the longest ping (the event loop's stall as another
     client sees it) against the longest ping of the same client with nothing going on."""
     moved = asyncio.Event()
-    (sender,) = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
     sent = 0
-    while sender.last_id < kept:  # fill the room, at most `window` messages in flight
-        while sent < min(kept, sender.last_id + window):
-            sent += 1
-            sender.send(text_of(sent, size))
-        moved.clear()
-        await asyncio.wait_for(moved.wait(), 30)
-    close_all([sender])
+    while sent < kept:  # fill the room, at most `window` messages in flight
+        # A fresh sender for each 10,000: Client answers no pings, and a loaded machine took
+        # longer than the ping timeout (40 s) to fill 100,000, and the sender was dropped.
+        (sender,) = await open_clients(ws_port, 1, on_message=lambda message_id, now: moved.set())
+        until = min(kept, sent + 10_000)
+        while sender.last_id < until:  # its history says where the room is
+            while sent < min(until, sender.last_id + window):
+                sent += 1
+                sender.send(text_of(sent, size))
+            moved.clear()
+            await asyncio.wait_for(moved.wait(), 30)
+        close_all([sender])
 
     from websockets.asyncio.client import connect
 
@@ -576,6 +587,14 @@ def scenarios(quick):
         ]
         + [
             (
+                "latency",
+                f"latency at 20 msg/s, {n} receivers: --store, against the in-process list",
+                {"receivers": n, "seconds": seconds * 2, "versus": "store"},
+            )
+            for n in ((100,) if quick else (100, 1000))
+        ]
+        + [
+            (
                 "http",
                 "POST /messages to delivery, 100 receivers",
                 {"receivers": 100, "seconds": seconds},
@@ -586,23 +605,32 @@ def scenarios(quick):
 
 
 def resumes(quick):
+    biggest = 10_000 if quick else 100_000
     return [
         ("resume", f"resume of {kept:,} kept messages of 2,000 characters", {"kept": kept})
-        for kept in ((1000, 10_000) if quick else (1000, 100_000))
+        for kept in (1000, biggest)
+    ] + [
+        (
+            "resume",
+            f"resume of {biggest:,} kept messages of 2,000 characters, with --store",
+            {"kept": biggest, "store": True},
+        )
     ]
 
 
-def run_resumes(quick):
+def run_resumes(quick, only=None):
     """The chat alone (the baseline keeps no history): its own figures, against the same
-    client's pings with nothing going on, in the same run."""
+    client's pings with nothing going on, in the same run. With --only store, the biggest
+    resume with and without --store."""
     rows = []
-    for step, (scenario, title, args) in enumerate(resumes(quick), 1):
-        print(f"[resume {step}/{len(resumes(quick))}] {title} ...", file=sys.stderr, flush=True)
+    plan = resumes(quick)[1:] if only else resumes(quick)
+    for step, (scenario, title, args) in enumerate(plan, 1):
+        print(f"[resume {step}/{len(plan)}] {title} ...", file=sys.stderr, flush=True)
         row = {
             "scenario": scenario,
             "title": title,
             "args": args,
-            "chat": measure("chat", scenario, args),
+            "chat": measure("store" if args.get("store") else "chat", scenario, args),
         }
         rows.append(row)
         print("    " + resume_summary(row), file=sys.stderr, flush=True)
@@ -708,9 +736,12 @@ HEADLINE = {
 
 def run_all(quick, only=None, repeats=3, aiohttp=False):
     rows = []
-    plan = [step for step in scenarios(quick) if not only or step[0] in only]
+    plan = [step for step in scenarios(quick) if not only or wanted(step, only)]
     for step, (scenario, title, args) in enumerate(plan, 1):
-        kinds = ["baseline", "chat"] + (["aiohttp"] if aiohttp and scenario == "throughput" else [])
+        # which server's runs fill each column: the --store row puts the in-process chat
+        # in the baseline's column
+        columns = {"baseline": "chat", "chat": "store"} if "versus" in args else CHAT_VS_BASELINE
+        kinds = [*columns.values()] + (["aiohttp"] if aiohttp and scenario == "throughput" else [])
         row = {
             "scenario": scenario,
             "title": title,
@@ -727,8 +758,8 @@ def run_all(quick, only=None, repeats=3, aiohttp=False):
                     flush=True,
                 )
                 row["runs"][kind].append(measure(kind, scenario, args))
-        for kind in ("baseline", "chat"):
-            row[kind] = median_run(row["runs"][kind], HEADLINE[scenario][0])
+        for column, kind in columns.items():
+            row[column] = median_run(row["runs"][kind], HEADLINE[scenario][0])
         rows.append(with_ratio(row))
         print("    " + summary(row), file=sys.stderr, flush=True)
         if scenario == "throughput":
@@ -747,6 +778,15 @@ def run_all(quick, only=None, repeats=3, aiohttp=False):
             rows.append(with_ratio(versus))
             print("    " + summary(versus), file=sys.stderr, flush=True)
     return rows
+
+
+CHAT_VS_BASELINE = {"baseline": "baseline", "chat": "chat"}
+
+
+def wanted(step, only):
+    """--only store is the --store row; --only latency is the other latency rows."""
+    scenario, _, args = step
+    return ("store" in only) if "versus" in args else scenario in only
 
 
 def median_run(runs, key):
@@ -810,7 +850,11 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    latency = [r for r in rows if r["scenario"] == "latency" and "processes" not in r["args"]]
+    latency = [
+        r
+        for r in rows
+        if r["scenario"] == "latency" and not {"processes", "versus"} & r["args"].keys()
+    ]
     receivers = [r["args"]["receivers"] for r in latency]
     figure, axes = plt.subplots(figsize=(6, 3.5))
     for kind, style, colour in (("chat", "o-", "tab:blue"), ("baseline", "s--", "tab:gray")):
@@ -849,8 +893,9 @@ def main():
     parser.add_argument(
         "--only",
         action="append",
-        choices=("throughput", "latency", "http", "memory"),
-        help="run only this kind of scenario (repeatable); throughput also gives efficiency",
+        choices=("throughput", "latency", "http", "memory", "store"),
+        help="run only this kind of scenario (repeatable); throughput also gives efficiency; "
+        "store: --store against the in-process list (latency and the biggest resume)",
     )
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of each fan-out scenario, median shown (3)"
@@ -868,7 +913,13 @@ def main():
     if args.aiohttp and not importlib.util.find_spec("aiohttp"):
         parser.error("--aiohttp needs aiohttp: python -m pip install aiohttp")
     rows = run_all(args.quick, args.only, args.repeats, args.aiohttp)
-    resume_rows = [] if args.only else run_resumes(args.quick)
+    resume_rows = (
+        run_resumes(args.quick, only="store")
+        if args.only and "store" in args.only
+        else []
+        if args.only
+        else run_resumes(args.quick)
+    )
     print(table(rows))
     if resume_rows:
         print()

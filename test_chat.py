@@ -23,10 +23,12 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from pathlib import Path
 
@@ -534,7 +536,8 @@ def test_presence_on_join_rename_and_leave(server):
             "changes": [{"joined": "alice"}],
         }
         with joined(server, name="bob") as (bob, bobs_history):
-            bob.send(json.dumps({"type": "name", "name": "robert"}))
+            presence_changes(bob, until=lambda changes: {"joined": "bob"} in changes)
+            bob.send(json.dumps({"type": "name", "name": "robert"}))  # after his join went out
             changes = presence_changes(alice, until=lambda changes: len(changes) == 2)
             assert changes == [{"joined": "bob"}, {"renamed": {"from": "bob", "to": "robert"}}]
             assert bobs_history["online"] == ["alice"]
@@ -2387,12 +2390,14 @@ def test_two_people_may_share_a_name_and_each_is_counted(server):
 
 
 def test_a_presence_frame_for_several_changes_carries_them_only_in_changes(server):
-    with joined(server, name="watcher") as (watcher, _), joined(server, name="a") as (renamer, _):
-        presence_frames(watcher, 2)  # the two joins
-        for name in ["b", "c", "d"]:  # at once: the 2nd and 3rd wait for the next 0.25 s window
-            renamer.send(json.dumps({"type": "name", "name": name}))
+    with contextlib.ExitStack() as stack:
+        watcher, _ = stack.enter_context(joined(server, name="watcher"))
+        renamers = [stack.enter_context(joined(server, name=f"a{n}"))[0] for n in range(3)]
+        presence_frames(watcher, 4)  # the joins
+        for n, renamer in enumerate(renamers):  # at once: the 2nd and 3rd wait for the next window
+            renamer.send(json.dumps({"type": "name", "name": f"b{n}"}))
         frames = presence_frames(watcher, 3)
-    assert [change["renamed"]["to"] for change in all_changes(frames)] == ["b", "c", "d"]
+    assert sorted(change["renamed"]["to"] for change in all_changes(frames)) == ["b0", "b1", "b2"]
     for frame in frames:
         if len(frame["changes"]) == 1:
             assert frame["renamed"] == frame["changes"][0]["renamed"]  # one change: also at the top
@@ -5745,3 +5750,392 @@ def test_browser_two_pages_chat_through_step3_and_stay_online_past_the_heartbeat
     for page in (alice, bob):
         expect(page.locator("#status")).to_have_text("online")
         assert page.evaluate("statuses") == []
+
+
+# --- A programming workshop, server side: names belong to people, presence reads right,
+# a restart keeps the room (issue 23) -----------------------------------------------------
+
+
+def rename(ws, name):
+    ws.send(json.dumps({"type": "name", "name": name}))
+
+
+def test_a_name_held_online_at_another_address_is_refused_on_join_naming_it(server):
+    with (
+        joined(server, "127.0.0.1", name="bob"),
+        joined(server, "127.0.0.2", name="Bob") as (ws, history),
+    ):
+        assert history["name"].startswith("guest-")
+        assert "'Bob' is taken" in receive(ws, "error")["error"]
+
+
+def test_one_address_may_share_a_name_between_its_tabs(server):
+    with (
+        joined(server, "127.0.0.3", name="bob"),
+        joined(server, "127.0.0.3", name="bob") as (ws, history),
+    ):
+        assert history["name"] == "bob"
+        ws.send("hi")
+        assert receive(ws, "message")["name"] == "bob"
+
+
+def test_a_rename_to_a_name_held_at_another_address_is_refused_with_the_name_kept(server):
+    with (
+        joined(server, "127.0.0.1", name="bob"),
+        joined(server, "127.0.0.2", name="carol") as (ws, _),
+    ):
+        rename(ws, "BOB")
+        error = receive(ws, "error")
+        assert error["error"].startswith("rename refused: ") and "'BOB' is taken" in error["error"]
+        assert error["name"] == "carol"
+        ws.send("still carol")
+        assert receive(ws, "message")["name"] == "carol"
+
+
+def test_a_name_is_free_again_once_its_holder_left(server):
+    with joined(server, "127.0.0.1", name="bob"):
+        pass
+    with joined(server, "127.0.0.2", name="bob") as (_, history):
+        assert history["name"] == "bob"
+
+
+def test_an_http_post_under_a_name_held_online_at_another_address_is_a_409(server):
+    with joined(server, "127.0.0.2", name="bob"):
+        status, body = post(server.port, "/messages", {"name": "bob", "text": "hi"})
+        assert status == 409 and "'bob' is taken" in body["errors"]["name"]
+        assert (
+            post(server.port, "/messages", {"name": "bob", "text": "me"}, source="127.0.0.2")[0]
+            == 201
+        )
+    assert stored_texts(server.port) == ["me"]
+
+
+def test_a_name_is_held_from_the_handshake_while_its_history_still_comes(big_room):
+    sock = socket.socket()  # bob resumes 16 MB of history, and reads none of it yet
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", big_room.ws_port))
+    url = ws_url(big_room, name="bob", since=0)
+    with connect(url, sock=sock, open_timeout=5, close_timeout=1, max_queue=1):
+        wait_until(lambda: server_waits_for_a_client(big_room), what="bob's history waiting")
+        with joined(big_room, "127.0.0.2", name="bob") as (ws, history):
+            assert history["name"].startswith("guest-")
+            assert "'bob' is taken" in receive(ws, "error")["error"]
+
+
+def test_a_refused_rename_for_going_too_fast_says_so_and_keeps_the_name(server):
+    with joined(server, name="n0") as (ws, _):
+        for n in range(1, 41):  # twice the burst, at once
+            rename(ws, f"n{n}")
+        error = receive(ws, "error")
+    assert error["error"] == "rename refused: too many messages too fast: wait a second"
+    assert error["name"] == "n20"  # the burst of 20 went through, and the room knows the last
+
+
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("\u202eevil", "format character (U+202E"),  # right-to-left override
+        ("ali\u2066ce", "format character (U+2066"),  # a bidi isolate
+        ("\u200b", "format character (U+200B"),  # zero width space
+        ("\u200dbob", "format character (U+200D"),  # a joiner outside a word
+        ("bob\u3164", "format character (U+3164"),  # a Hangul filler: "bob" to the eye
+        (" \u0301\u0302 ", "name shows nothing"),  # marks with no letter
+        ("x" + "\u0301\u0302\u0303\u0304\u0305", "more than 3 combining marks in a row"),
+        ("a" + "\u0300" * 31, "more than 3 combining marks in a row"),
+        ("bo\u2028b", "control characters"),  # a line separator
+    ],
+)
+def test_names_that_garble_or_hide_are_refused_naming_the_rule(server, name, rule):
+    status, body = post(server.port, "/messages", {"name": name, "text": "hi"})
+    assert status == 400 and rule in body["errors"]["name"]
+    with joined(server, name="kept") as (ws, _):
+        rename(ws, name)
+        error = receive(ws, "error")
+        assert error["error"].startswith("rename refused: ") and rule in error["error"]
+        assert error["name"] == "kept"
+    with joined(server, name=name) as (ws, history):
+        assert history["name"].startswith("guest-") and rule in receive(ws, "error")["error"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Nguye\u0302\u0303n",  # Vietnamese, typed as marks: stored composed (NFC), "Nguyễn"
+        "أحمد",
+        "می\u200cخواهم",  # Persian: a zero width non-joiner inside the word
+        "👩\u200d💻",  # an emoji sequence: a zero width joiner between two emoji
+        "🏳\ufe0f\u200d🌈",
+        "שָּׁלוֹם",  # pointed Hebrew: three marks on one letter
+        "1\ufe0f\u20e3",  # a keycap emoji: two marks
+    ],
+)
+def test_names_of_real_writing_and_emoji_are_accepted(server, name):
+    status, message = post(server.port, "/messages", {"name": name, "text": "hi"})
+    assert status == 201 and message["name"] == unicodedata.normalize("NFC", name)
+
+
+@pytest.fixture
+def slow_presence(server, monkeypatch):
+    """An interval of an hour, which the test ends itself (send_presence_now): what happens in
+    one interval does not depend on the machine's speed."""
+    monkeypatch.setattr(chat, "PRESENCE_EVERY", 3600)
+    return server
+
+
+def send_presence_now(servers):
+    """The end of the interval: the changes waiting go out."""
+    servers.loop.call_soon_threadsafe(chat.room.send_presence)
+
+
+def synced(ws):
+    """Returns once the server has acted on every frame this client sent before (in order)."""
+    ws.send(json.dumps({"type": "ping"}))
+    receive(ws, "pong")
+
+
+@contextlib.contextmanager
+def watching(servers):
+    """A client whose own join (and any before it) has gone out: a new interval begins."""
+    with joined(servers, name="watcher") as (watcher, _):
+        send_presence_now(servers)
+        presence_changes(watcher, until=lambda changes: {"joined": "watcher"} in changes)
+        yield watcher
+
+
+def changes_until_joined(watcher, name):
+    return presence_changes(watcher, until=lambda changes: {"joined": name} in changes)
+
+
+def test_a_join_then_a_rename_in_one_interval_is_one_join_under_the_new_name(slow_presence):
+    with watching(slow_presence) as watcher, joined(slow_presence) as (newcomer, _):
+        rename(newcomer, "alice")
+        synced(newcomer)
+        send_presence_now(slow_presence)
+        frame = receive(watcher, "presence")
+    assert frame == {"type": "presence", "joined": "alice", "changes": [{"joined": "alice"}]}
+
+
+def test_a_join_then_a_leave_in_one_interval_is_nothing(slow_presence):
+    with watching(slow_presence) as watcher:
+        with joined(slow_presence, name="ghost"):
+            pass
+        wait_for_health(slow_presence.port, clients=1)  # the ghost has gone
+        send_presence_now(slow_presence)
+        with joined(slow_presence, name="marker"):
+            send_presence_now(slow_presence)
+            assert receive(watcher, "presence")["changes"] == [{"joined": "marker"}]
+
+
+def test_renames_in_one_interval_are_one_rename(slow_presence):
+    with joined(slow_presence, name="a") as (a, _), watching(slow_presence) as watcher:
+        for n in range(1, BURST):  # as many as one client may: the others hear of one
+            rename(a, f"a{n}")
+        synced(a)
+        send_presence_now(slow_presence)
+        frame = receive(watcher, "presence")
+    assert frame["changes"] == [{"renamed": {"from": "a", "to": f"a{BURST - 1}"}}]
+
+
+def test_a_rename_then_a_leave_in_one_interval_is_a_leave_under_the_old_name(slow_presence):
+    with joined(slow_presence, name="a") as (a, _), watching(slow_presence) as watcher:
+        rename(a, "b")
+        synced(a)
+        a.close()
+        wait_for_health(slow_presence.port, clients=1)
+        send_presence_now(slow_presence)
+        frame = receive(watcher, "presence")
+    assert frame["changes"] == [{"left": "a"}]
+
+
+def test_a_rename_to_the_same_name_is_no_change(server):
+    with joined(server, name="a") as (a, _), watching(server) as watcher:
+        rename(a, "a")
+        with joined(server, name="marker"):
+            assert changes_until_joined(watcher, "marker") == [{"joined": "marker"}]
+
+
+def test_online_in_history_stays_exact_while_changes_are_coalesced(slow_presence):
+    with watching(slow_presence) as watcher, joined(slow_presence) as (newcomer, _):
+        rename(newcomer, "alice")
+        synced(newcomer)
+        with joined(slow_presence, name="late") as (late, history):
+            send_presence_now(slow_presence)
+            changes = changes_until_joined(late, "late")
+            assert changes_until_joined(watcher, "late") == changes
+    assert changes == [{"joined": "alice"}, {"joined": "late"}]
+    assert sorted(history["online"] + [change["joined"] for change in changes]) == [
+        "alice",
+        "late",
+        "watcher",
+    ]
+
+
+def test_waitress_task_queue_warnings_come_once_per_interval_not_per_request(
+    server, caplog, monkeypatch
+):
+    monkeypatch.setattr(chat.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
+    busy = threading.Event()
+    server.loop.call_soon_threadsafe(busy.wait, 10)  # the loop is busy: requests wait for it
+    with concurrent.futures.ThreadPoolExecutor(12) as clients:
+        answers = [clients.submit(request, server.port, "GET", "/health") for _ in range(12)]
+        queue = server.http_server.task_dispatcher.queue
+        wait_until(lambda: len(queue) >= 6, what="requests queued for waitress's threads")
+        busy.set()
+        assert [answer.result().status for answer in answers] == [200] * 12
+    warnings = [r for r in caplog.records if r.getMessage().startswith("Task queue depth is")]
+    assert len(warnings) == 1
+
+
+def started(chat_process, *args):
+    process = chat_process("--port", "0", "--ws-port", "0", *args)
+    process.urls()
+    return process
+
+
+def crash(process):
+    """kill -9: nothing is flushed, closed or said goodbye to."""
+    process.process.kill()
+    process.process.wait(5)
+
+
+def test_store_keeps_ids_room_messages_and_refs_over_a_crash_and_restart(chat_process, tmp_path):
+    store = str(tmp_path / "room.db")
+    before = started(chat_process, "--store", store)
+    room_id = get(before.port, "/config")[1]["room"]
+    stored = [post(before.port, "/messages", {"text": f"m{n}", "ref": f"r{n}"})[1] for n in (1, 2)]
+    with connect(f"ws://127.0.0.1:{before.ws_port}/?name=ann", open_timeout=5) as ws:
+        receive(ws, "history")
+        ws.send(json.dumps({"type": "message", "text": "from ann", "ref": "w1"}))
+        stored.append(receive(ws, "message"))
+    crash(before)  # each message was acknowledged (201, or its frame): it is on disk
+    after = started(chat_process, "--store", store)
+    assert get(after.port, "/config")[1]["room"] == room_id
+    assert get(after.port, "/messages")[1]["messages"] == stored
+    assert post(after.port, "/messages", {"text": "m2", "ref": "r2"}) == (200, stored[1])
+    assert post(after.port, "/messages", {"text": "m4"})[1]["id"] == 4
+
+
+def test_a_client_resuming_over_a_restart_misses_nothing_and_gets_nothing_twice(
+    chat_process, tmp_path
+):
+    store = str(tmp_path / "room.db")
+    before = started(chat_process, "--store", store)
+    for n in (1, 2):
+        post(before.port, "/messages", {"text": f"m{n}"})
+    with connect(f"ws://127.0.0.1:{before.ws_port}/", open_timeout=5) as ws:
+        history = receive(ws, "history")
+    seen, room_id = history["messages"][-1]["id"], history["room"]
+    for n in (3, 4):  # while the client is away
+        post(before.port, "/messages", {"text": f"m{n}"})
+    crash(before)
+    after = started(chat_process, "--store", store)
+    post(after.port, "/messages", {"text": "m5"})
+    url = f"ws://127.0.0.1:{after.ws_port}/?since={seen}&room={room_id}"
+    with connect(url, open_timeout=5, max_queue=None) as ws:
+        history = receive_history(ws)
+        post(after.port, "/messages", {"text": "m6"})
+        live = receive(ws, "message")
+    assert [(m["id"], m["text"]) for m in history["messages"] + [live]] == [
+        (3, "m3"),
+        (4, "m4"),
+        (5, "m5"),
+        (6, "m6"),
+    ]
+
+
+def test_a_restart_keeps_the_newest_history_messages(chat_process, tmp_path):
+    store = str(tmp_path / "room.db")
+    before = started(chat_process, "--store", store, "--history", "3")
+    for n in range(1, 6):
+        post(before.port, "/messages", {"text": f"m{n}"})
+    crash(before)
+    after = started(chat_process, "--store", store, "--history", "3")
+    assert stored_texts(after.port) == ["m3", "m4", "m5"]
+    assert post(after.port, "/messages", {"text": "m6"})[1]["id"] == 6
+
+
+def test_the_store_file_is_bounded_by_history(tmp_path):
+    with running_servers(history=3, store=str(tmp_path / "room.db")):
+        seed(250)
+    with contextlib.closing(sqlite3.connect(tmp_path / "room.db")) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM messages ORDER BY id")]
+    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + chat.HistoryFile.TRIM_EVERY
+
+
+def test_guest_numbers_go_on_over_a_restart(chat_process, tmp_path):
+    store = str(tmp_path / "room.db")
+    before = started(chat_process, "--store", store)
+    assert post(before.port, "/messages", {"text": "hi"})[1]["name"] == "guest-1"
+    crash(before)
+    after = started(chat_process, "--store", store)
+    assert post(after.port, "/messages", {"text": "hi"})[1]["name"] == "guest-2"
+
+
+@pytest.mark.parametrize(
+    "setup, args, error",
+    [
+        (None, ["--redis", "redis://127.0.0.1:9/0"], "--store and --redis do not go together"),
+        ("in use", [], "is in use (is another chat.py running with it?)"),
+        ("not a database", [], "file is not a database"),
+    ],
+)
+def test_a_store_the_chat_cannot_use_is_one_line_and_exit_2(
+    chat_process, tmp_path, setup, args, error
+):
+    store = tmp_path / "room.db"
+    if setup == "in use":
+        started(chat_process, "--store", str(store))
+    elif setup == "not a database":
+        store.write_text("my notes, not a database\n" * 100)
+    process = chat_process("--port", "0", "--ws-port", "0", "--store", str(store), *args)
+    assert process.process.wait(15) == 2
+    message = process.process.stderr.read()
+    assert message.count("\n") == 1 and message.startswith("chat.py: error: ") and error in message
+
+
+def test_concurrent_senders_give_everyone_the_same_order_with_a_store(tmp_path):
+    with running_servers(store=str(tmp_path / "room.db")) as servers:
+        ws_senders = [ws_url(servers, name=f"sender{n}") for n in range(3)]
+        listeners = [ws_url(servers, name=f"listener{n}") for n in range(2)]
+        http_senders = [(servers.port, f"127.0.0.{10 + n}") for n in range(3)]
+        results = chat_from_everywhere(ws_senders, listeners, http_senders)
+        stored = get(servers.port, "/messages?limit=1000")[1]["messages"]
+    assert_everyone_got(results, stored)
+    with contextlib.closing(sqlite3.connect(tmp_path / "room.db")) as db:
+        on_disk = db.execute("SELECT id, text FROM messages ORDER BY id").fetchall()
+    assert on_disk == [(m["id"], m["text"]) for m in stored]
+
+
+def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_path):
+    with running_servers(store=str(tmp_path / "room.db")) as servers:
+
+        async def twice():
+            return await asyncio.gather(*(chat.room.post("ann", "once", "r") for _ in range(2)))
+
+        (first, stored_now), (again, stored_again) = chat.ask_room(twice())
+        assert (stored_now, stored_again) == (True, False) and again == first
+        assert stored_texts(servers.port) == ["once"]
+
+
+def test_a_store_that_cannot_write_refuses_the_message_and_keeps_serving(tmp_path):
+    with running_servers(store=str(tmp_path / "room.db")) as servers:
+        assert post(servers.port, "/messages", {"text": "before"})[0] == 201
+        db = chat.room.file.db  # the writer's own connection: no write is under way now
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")  # a full disk, as SQLite sees it
+        with joined(servers) as (ws, _):
+            answers = [post(servers.port, "/messages", {"text": "x" * 2000}) for _ in range(4)]
+            status, body = answers[-1]  # the free room of the file's last page is taken by now
+            assert status == 503 and "cannot store messages" in body["errors"]["room"]
+            ws.send(json.dumps({"type": "message", "text": "y" * 2000, "ref": "y"}))
+            assert receive(ws, "error") == {
+                "type": "error",
+                "error": "the chat cannot store messages right now: try again soon",
+                "ref": "y",
+            }
+            db.execute("PRAGMA max_page_count = 1073741823")  # room again
+            assert post(servers.port, "/messages", {"text": "after"})[0] == 201
+            assert receive(ws, "message")["text"] == "after"  # nothing refused was delivered
+        stored = ["x" * 2000 for status, _ in answers if status == 201]
+        assert stored_texts(servers.port) == ["before", *stored, "after"]
