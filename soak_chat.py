@@ -38,12 +38,25 @@ from websockets.exceptions import WebSocketException
 
 CHAT_PY = Path(__file__).resolve().with_name("chat.py")
 HISTORY = 1_000_000  # the room keeps everything of the run: every ref stays known
+# One room key for both processes, as docs/online.md gives them; clients send it as Bearer.
+KEY = secrets.token_urlsafe(16)
+AUTHORIZATION = {"Authorization": f"Bearer {KEY}"}
 
 
 # --- The parts: redis-server, two chat.py, nginx ------------------------------------------
 
 
 def free_port():
+    """A free port below the kernel's ephemeral range: a part is started again on its ports
+    after a kill, and meanwhile a client's reconnect could take a port from that range."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except OSError:  # not Linux: the kernel's choice
+        low = None
+    for port in random.sample(range(10_000, low), 100) if low else ():
+        with socket.socket() as probe, contextlib.suppress(OSError):
+            probe.bind(("127.0.0.1", port))
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -53,7 +66,7 @@ def answers(port, path="/health"):
     """The JSON that GET `path` answers on 127.0.0.1:`port`, or None if nothing answers."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=AUTHORIZATION)
         return json.loads(connection.getresponse().read())
     except (OSError, ValueError):
         return None
@@ -78,7 +91,12 @@ class Part:
 
     def start(self):
         self.process = subprocess.Popen(self.command, stdout=self.log, stderr=self.log)
-        wait_for(self.ready, 30, f"{self.name} starting")
+        wait_for(self.ready_or_gone, 30, f"{self.name} starting")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited at start with {self.process.returncode}")
+
+    def ready_or_gone(self):
+        return self.process.poll() is not None or self.ready()
 
     def kill(self):
         self.process.kill()  # SIGKILL: no chance to close anything
@@ -114,7 +132,7 @@ def listens(port):
 def chat_part(number, redis_url, public_url, log):
     port, ws_port = free_port(), free_port()
     command = [sys.executable, str(CHAT_PY), "--port", str(port), "--ws-port", str(ws_port)]
-    command += ["--redis", redis_url, "--history", str(HISTORY)]
+    command += ["--redis", redis_url, "--history", str(HISTORY), "--key", KEY]
     if public_url:
         command += ["--public-url", public_url]
     part = Part(f"chat.py {number}", command, lambda: answers(port) is not None, log)
@@ -207,7 +225,7 @@ class Client:
             try:
                 async with connect(
                     f"{url}?{query}", open_timeout=5, close_timeout=1, max_queue=None,
-                    local_addr=(self.source, 0),
+                    local_addr=(self.source, 0), additional_headers=AUTHORIZATION,
                 ) as ws:  # fmt: skip
                     if dropped is not None:
                         self.longest_away = max(self.longest_away, time.monotonic() - dropped)

@@ -3782,7 +3782,7 @@ KEEP_TYPING = """(who) => {
 }"""
 OWN_STORED = "() => document.querySelectorAll('#chat-box .message.own').length"
 SHOWN_MESSAGES = """() => [...document.querySelectorAll("#chat-box .message")]
-    .map((item) => [Number(item.dataset.id), item.querySelector("p").textContent])"""
+    .map((item) => [Number(item.dataset.id), item.querySelector(".text").textContent])"""
 
 
 def typed_on(pages, more=3, timeout=30_000):
@@ -3802,8 +3802,8 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
 ):
     from playwright.sync_api import expect
 
-    url = f"{behind_nginx.url}/"
-    pages = [open_page(url=url, ignore_https_errors=True) for _ in range(2)]
+    link = f"{behind_nginx.url}/?key={behind_nginx.key}"  # the link the chat prints
+    pages = [open_page(url=link, ignore_https_errors=True) for _ in range(2)]
     for page, who in zip(pages, ("alice", "bob"), strict=True):
         page.evaluate(KEEP_TYPING, who)
     typed_on(pages)
@@ -3827,7 +3827,7 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
     # (c) the killed process started again on its ports: it rejoins the room
     again = chat_process(
         *("--port", str(victim.port), "--ws-port", str(victim.ws_port)),
-        *("--redis", redis_server.url, "--public-url", behind_nginx.url),
+        *("--redis", redis_server.url, "--public-url", behind_nginx.url, "--key", behind_nginx.key),
     )
     again.urls()
     typed_on(pages)
@@ -3836,13 +3836,14 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
     for page in pages:
         typed.append(page.evaluate("() => (clearInterval(typing), typed)"))
         expect(page.locator("#outbox .message")).to_have_count(0, timeout=30_000)
-    stored = get(survivor.port, "/messages?limit=1000")[1]["messages"]
+    every_message = f"/messages?limit=1000&key={behind_nginx.key}"
+    stored = get(survivor.port, every_message)[1]["messages"]
     texts_stored = [message["text"] for message in stored]
     assert collections.Counter(texts_stored) == collections.Counter(typed[0] + typed[1])
     for own in typed:  # each person's messages in the order typed
         assert [text for text in texts_stored if text in set(own)] == own
     wait_for_health(again.port, last_id=stored[-1]["id"])
-    assert get(again.port, "/messages?limit=1000")[1]["messages"] == stored
+    assert get(again.port, every_message)[1]["messages"] == stored
     order = [[message["id"], message["text"]] for message in stored]
     for page in pages:  # one order on both pages, each showing the newest messages
         page.wait_for_function(
@@ -3856,7 +3857,7 @@ def test_behind_nginx_once_each_process_was_killed_in_turn_new_websockets_still_
     behind_nginx, redis_server, chat_process
 ):
     """nginx must not keep a process it once found dead marked down (max_fails=0)."""
-    url = f"wss://localhost:{behind_nginx.https_port}/ws"
+    url = f"wss://localhost:{behind_nginx.https_port}/ws?key={behind_nginx.key}"
     through_nginx = functools.partial(
         connect, url, ssl=unverified_tls(), open_timeout=5, origin=behind_nginx.url
     )
@@ -3867,7 +3868,7 @@ def test_behind_nginx_once_each_process_was_killed_in_turn_new_websockets_still_
         receive(ws, "history")
     chat_process(
         *("--port", str(a.port), "--ws-port", str(a.ws_port)),
-        *("--redis", redis_server.url, "--public-url", behind_nginx.url),
+        *("--redis", redis_server.url, "--public-url", behind_nginx.url, "--key", behind_nginx.key),
     ).urls()
     b.process.kill()
     b.process.wait(5)
@@ -3929,6 +3930,7 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     environment = {
         **environment_file(DEPLOY / "chat" / "chat.env"),
         **environment_file(DEPLOY / "chat" / f"{instance}.env"),
+        "CHAT_ARGS": f"--key {ROOM_KEY}",  # as docs/online.md has it put there
     }
     python, script, *arguments = unit_command_line(environment)
     assert (python, script) == ("/opt/chat/venv/bin/python", "/opt/chat/chat.py")
@@ -3937,8 +3939,9 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     assert f"server 127.0.0.1:{args.port} " in nginx
     assert f"server 127.0.0.1:{args.ws_port} " in nginx
     assert args.redis == "redis://127.0.0.1:6379/0" and args.public_url == PUBLIC
-    more = chat.parse_args(unit_command_line({**environment, "CHAT_ARGS": "--history 5000"})[2:])
-    assert more.history == 5000
+    assert args.key == ROOM_KEY
+    more = {**environment, "CHAT_ARGS": f"--history 5000 --key {ROOM_KEY}"}
+    assert chat.parse_args(unit_command_line(more)[2:]).history == 5000
 
 
 @pytest.mark.timeout(150)
