@@ -9,24 +9,26 @@ threads; they never change the room themselves: they hand their work to the even
 (ask_room()) and wait for the answer. One owner means one order: every client sees the same
 messages, in the same order, as GET /messages.
 
-Step 3's names come in step 3's order: Room, room, chat(), read_frame(), handle_frame(), api,
-ask_room(), get_messages(), post_message(), post_in_room(), config(), page(), Servers, main().
-What a real room adds to them sits under a heading of its own:
+Step 3's names come first, in step 3's order: Room, room, chat(), read_frame(), handle_frame(),
+api, ask_room(), get_messages(), post_message(), post_in_room(), config(), page(), Servers,
+main(). What a real room adds sits under a heading of its own, nearest to what it extends:
 
-- resuming with since= and room=, a long history in pieces, a bounded history found by
-  bisection, a repeated ref stored once, presence in batches (in Room);
-- step 1's echo at /echo (route(), echo()); posting and errors from a websocket (post_from(),
-  send_error(), read_query());
-- the rules for a text, a name, a ref and since, and the rate limit (clean_text() ...
-  TokenBucket);
+- in Room: resuming with since= and room=, a long history in pieces, a repeated ref stored
+  once, presence in batches (one change per connection), a name held by one person, one rate
+  limit per client address;
+- step 1's echo at /echo (route(), echo()); posting and its errors from a websocket, with
+  retry_after for a failure that passes (post_from(), send_error(), read_query());
+- the rules for a text, a name, a ref and since (clean_text() ... Buckets);
 - the seed tutorial's POST /send_message, GET /health, errors as HTTP answers; the page's
   Content-Security-Policy; a loop too busy to answer (ask_loop(), unless_too_late());
-- the room in Redis (open_room(), redis_room.py), a clean stop (stop_waitress()), the
-  addresses to print for --host 0.0.0.0, the command line;
-- then what a first reading can skip: who may talk to the chat (Policy: Host and Origin),
-  host names and origins, the websocket server's guards (ChatConnection drops a client that
-  stops reading), a frame serialized once for everyone (send_prepared()), descriptor limits,
-  the same error logged once, and hug's request-body readers fixed.
+- the room in Redis (open_room(), redis_room.py), a clean stop, the addresses and the QR code
+  to print for --host 0.0.0.0, the command line (--key, --store);
+- a restart that keeps the room (--store FILE: StoredRoom, HistoryFile);
+- then what a first reading can skip: what a name may hold; who may talk to the chat (Policy:
+  Host, Origin and the room key); host names and origins; the websocket server's guards (one
+  voice per address, ChatConnection drops a client that stops reading); a frame serialized
+  once for everyone (send_prepared()); descriptor limits; the same error logged once; and
+  hug's request-body readers and HEAD fixed.
 
 The README teaches it step by step; docs/protocol.md documents the protocol as built.
 """
@@ -88,6 +90,7 @@ try:
 except ImportError:
     resource = None
 
+
 # --- Configuration -----------------------------------------------------------------------
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -130,7 +133,7 @@ PROXY = (
 )
 
 
-# --- The room -------------------------------------------------------------------------
+# --- The room ----------------------------------------------------------------------------
 
 
 class Room:
@@ -402,54 +405,140 @@ class Room:
 room = None  # the one Room of this process, made when the servers start
 
 
-# Sending one frame to everyone: a prepared frame ..........................................
+# --- The websocket handlers --------------------------------------------------------------
 
 
-def send_prepared(connections, text):
-    """websockets.broadcast(), with the frame serialized once for everyone instead of per client.
+async def chat(connection):
+    """One client in the room: history first, then its frames until it goes."""
+    name, since, errors = read_query(connection)
+    address = voice_of(client_address(connection))
+    try:
+        await room.join(connection, name, since)
+        for error in errors:  # a bad name or since in the URL: said once the client listens
+            await send_error(connection, error)
+        async for frame in connection:
+            data = {}
+            try:
+                data = read_frame(frame)
+                if data.get("type") == "ping":  # the page's heartbeat: answered, not counted
+                    await connection.send(json.dumps({"type": "pong"}))
+                    continue
+                room.check_rate(address)  # messages and renames: one limit per address
+                await handle_frame(connection, data)
+            except (BadInput, RoomUnavailable) as error:
+                if data.get("type") == "name":  # the page puts its name box back to the room's
+                    await send_error(
+                        connection, f"rename refused: {error}", name=room.clients[connection]
+                    )
+                else:
+                    await send_error(connection, str(error), data.get("ref"), error.retry_after)
+    finally:
+        room.leave(connection)
 
-    Only clients mask their frames; a server's are not masked, so a text frame's bytes are the
-    same for every client. broadcast() builds a Frame, its header and a copy of the text for
-    each connection; here the bytes are made once and written to every transport (Go's
-    gorilla/websocket calls this a PreparedMessage). A connection that cannot take them goes to
-    broadcast() itself, which skips it or compresses for it exactly as it always did.
-    transport.write() is where broadcast() ends too, so a client that stops reading still trips
-    pause_writing() and ChatConnection drops it.
-    """
-    frame = prepared_frame(text)
-    for connection in connections:
-        if takes_prepared_frame(connection):
-            connection.transport.write(frame)
+
+def read_frame(frame):
+    """A frame as a dict; a frame that is not a JSON object is a message's text."""
+    if isinstance(frame, bytes):
+        raise BadInput("binary frames are not accepted: send text")
+    try:
+        data = json.loads(frame)
+    except json.JSONDecodeError:
+        data = None
+    except (ValueError, RecursionError) as error:  # past what Python reads, not bad syntax
+        if frame.lstrip(" \t\n\r").startswith("{"):  # meant as an object: say why it is not
+            raise BadInput(f"the frame cannot be read as JSON: {json_limit(error)}") from None
+        data = None
+    if not isinstance(data, dict):
+        return {"type": "message", "text": frame}
+    return without_nulls(data)
+
+
+async def handle_frame(connection, data):
+    """Act on one frame from a client."""
+    if data.get("type") == "message":
+        await post_from(connection, clean_text(data.get("text")), clean_ref(data.get("ref")))
+    elif data.get("type") == "name":
+        room.rename(connection, clean_name(data.get("name")))
+    else:
+        raise BadInput(
+            f"unknown type: {str(data.get('type'))[:40]!r} (use 'message', 'name' or 'ping')"
+        )
+
+
+# --- One server, two paths: the room and step 1's echo -----------------------------------
+
+
+async def route(connection):
+    """The websocket server's one handler: the path picks the room or the echo."""
+    try:
+        if urllib.parse.urlsplit(connection.request.path).path == "/echo":
+            await echo(connection)
         else:
-            broadcast([connection], text)
+            await chat(connection)
+    except (ConnectionClosed, TimeoutError):
+        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
 
 
-def prepared_frame(text):
-    """The bytes protocol.send_text() makes on a server: one unmasked, final text frame."""
-    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+async def echo(connection):
+    """The first workshop step: every frame goes straight back to its sender."""
+    async for frame in connection:
+        await connection.send(frame)
 
 
-def takes_prepared_frame(connection):
-    """Open, not half-way through sending a fragmented message, no extension, transport not closing.
+# --- Posting from a websocket, and its errors --------------------------------------------
 
-    The checks broadcast() and protocol.send_text() make, read from websockets 17 internals:
-    protocol.state (a closing connection has sent its close frame: nothing may follow it),
-    connection.send_in_progress and protocol.expect_continuation_frame (a frame between two
-    fragments would break the message), protocol.extensions (compression makes other bytes for
-    each connection). And the transport: ChatConnection aborts a slow reader's before the
-    connection knows; asyncio would drop the bytes, uvloop would raise, broadcast() copes.
-    websockets writes its own frames to the transport as soon as it makes them, so none can be
-    waiting to go out before ours. A renamed attribute fails every test; a changed meaning fails
-    the tests under "Prepared frames" in test_chat.py.
+
+async def post_from(connection, text, ref):
+    """Post for one client; a repeated ref gets the stored message again, to this client only."""
+    message, stored_now = await room.post(room.clients[connection], text, ref)
+    if not stored_now:
+        await connection.send(json.dumps(message, ensure_ascii=False))
+
+
+async def send_error(connection, error, ref=None, retry_after=None, name=None):
+    """The error, with the `ref` of the message it refuses, so the page knows which one (or for a
+    refused rename, the `name` the room still knows).
+
+    `retry_after` (seconds) only for a failure that sending the same frame again can cure
+    (too fast, the room away): the page then sends it again by itself; without it the
+    refusal is for good (too long, a bad name) and the person decides.
     """
-    protocol = connection.protocol
-    return (
-        protocol.state is State.OPEN
-        and connection.send_in_progress is None
-        and not protocol.expect_continuation_frame
-        and not protocol.extensions
-        and not connection.transport.is_closing()
-    )
+    frame = {
+        "type": "error",
+        "error": error,
+    }
+    if is_ref(ref):
+        frame["ref"] = ref
+    if retry_after is not None:
+        frame["retry_after"] = math.ceil(retry_after * 1000) / 1000  # rounded up: never early
+    if name is not None:
+        frame["name"] = name
+    await connection.send(json.dumps(frame, ensure_ascii=False))
+
+
+def read_query(connection):
+    """The name and `since` asked for in the URL, and what was wrong with them.
+
+    A bad one does not refuse the connection (a browser cannot read why a handshake
+    failed): the client gets a guest name, or the last 50 messages, and an error frame.
+    """
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
+    name, since, errors = None, None, []
+    try:
+        if "name" in query:  # held from now on, so two people cannot join as one name at once
+            name = room.hold_name(connection, clean_name(query["name"][0]))
+    except BadInput as error:
+        errors.append(str(error))
+    try:
+        since = parse_since(query.get("since", [None])[0])
+    except BadInput as error:
+        errors.append(str(error))
+    if query.get("room", [room.room_id])[0] != room.room_id:
+        since = None  # ids began again in this room: the client's `since` means nothing here
+    return name or room.hold_name(connection, room.guest_name()), since, errors
+
+
+# --- The room's rules: what a text, a name, a ref and `since` may be ---------------------
 
 
 # The room's rules: what a text, a name, a ref and `since` may be (skip on a first reading) ...
@@ -508,52 +597,6 @@ def clean_name(value):
     return name
 
 
-# Format characters (Unicode Cf) draw nothing and change how what follows them is drawn:
-# U+202E reverses the rest of the line, U+200B is a name of nothing. Only the joiners stay,
-# inside a word: Persian needs U+200C, emoji such as 👩‍💻 need U+200D.
-JOINERS = "\u200c\u200d"
-# Draw nothing, though Unicode does not call them format characters: fillers and a blank,
-# which make "bob" and "bob\u3164" two names that look the same.
-BLANKS = "\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5"
-# Combining marks pile up above or below the letter before them: 31 drew over the messages
-# next to the name. A few in a row are real writing, after NFC: Thai needs 2, pointed
-# Hebrew and Tibetan stacks 3.
-MAX_MARKS = 3
-
-
-def check_format_characters(name):
-    for i, c in enumerate(name):
-        if unicodedata.category(c) != "Cf" and c not in BLANKS:
-            continue
-        inside_a_word = 0 < i < len(name) - 1 and not any(
-            n.isspace() or unicodedata.category(n) == "Cf" for n in (name[i - 1], name[i + 1])
-        )
-        if c not in JOINERS or not inside_a_word:
-            raise BadInput(
-                f"name has an invisible format character (U+{ord(c):04X}, "
-                f"{unicodedata.name(c, 'unnamed')}): bidi controls and the like are not allowed"
-            )
-
-
-def is_invisible(c):
-    """True if the character draws nothing by itself (a mark needs a letter to sit on)."""
-    return c.isspace() or unicodedata.category(c) in ("Cf", "Mn", "Me", "Mc")
-
-
-def longest_run_of_marks(name):
-    run = longest = 0
-    for c in name:
-        run = run + 1 if unicodedata.category(c) in ("Mn", "Me") else 0
-        longest = max(longest, run)
-    return longest
-
-
-def name_key(name):
-    """What makes two names the same name to people: "Bob", "BOB" and "ｂｏｂ" are one,
-    and so are "bob" and "b\u200cob" (a joiner shows nothing between two letters)."""
-    return unicodedata.normalize("NFKC", name).casefold().translate({ord(c): None for c in JOINERS})
-
-
 def trimmed(value, field, limit):
     """A string of 1 to `limit` characters once white space is trimmed from its ends."""
     if not isinstance(value, str):
@@ -579,16 +622,16 @@ def clean_ref(value):
     return value
 
 
+def is_ref(value):
+    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
+
+
 def without_nulls(data):
     """A JSON object without its null fields: null is the same as leaving a field out, for
     every field, over HTTP and websocket alike."""
     if not isinstance(data, dict):
         return data
     return {key: value for key, value in data.items() if value is not None}
-
-
-def is_ref(value):
-    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
 
 
 def parse_since(value):
@@ -673,7 +716,596 @@ class Buckets:
         return self.get(address).take()
 
 
-# Keeping the room over a restart: --store FILE, in SQLite .................................
+# --- The HTTP routes (hug) ---------------------------------------------------------------
+
+api = hug.API(__name__)
+
+
+def ask_room(coroutine):
+    """Run a coroutine on the room's event loop and wait for its answer.
+
+    HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
+    room.post(...) here only makes the coroutine: the loop runs it.
+    """
+    return ask_loop(room.loop, coroutine)
+
+
+@hug.get(["/messages", "/get_messages"], api=api)
+def get_messages(since: since_type = 0, limit: limit_type = 100):
+    return {"messages": ask_room(room.fetch(since, limit))}
+
+
+@hug.post("/messages", api=api, status=hug.HTTP_201)
+def post_message(
+    request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None
+):
+    """Store and broadcast a message: 201 and the stored message (200 for a repeated ref)."""
+    return add_http_message(request, response, name, text, ref)
+
+
+async def post_in_room(address, name, text, ref):
+    room.check_rate(address)
+    if name:  # a name someone else goes by in the room is theirs, over HTTP too
+        room.check_name_is_free(name, address)
+    return await room.post(name or room.guest_name(), text, ref)
+
+
+@hug.get("/config", api=api)
+def config():
+    """What the page needs to connect."""
+    return {
+        "ws_port": room.ws_port,
+        "ws_path": "/ws"
+        if policy.public_url
+        else None,  # behind a proxy: the page's own origin, at /ws
+        "room": room.room_id,
+        "max_text": MAX_TEXT,
+        "max_name": MAX_NAME,
+    }
+
+
+@hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
+def page(request, response):
+    """Read on every request, so that an edit to chat.html shows on reload."""
+    query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
+    if policy.key and any(name == "key" for name, _ in query):
+        return keep_the_key_in_a_cookie(request, response, query)
+    html = PAGE.read_text(encoding="utf-8")
+    # The name as the browser wrote it ("localhost." too: the CSP must name what it connects
+    # to), not falcon's request.host, which raises for "Host: localhost:" (a 500).
+    host = request.get_header("Host")
+    host = host_and_port(host)[0] if host else request.env["SERVER_NAME"]
+    response.set_header("Content-Security-Policy", page_policy(html, host))
+    return html
+
+
+# --- More routes: the seed tutorial's name, health, errors as answers --------------------
+
+
+@hug.post("/send_message", api=api, status=hug.HTTP_201)
+def send_message(
+    request,
+    response,
+    text: clean_text = None,
+    message: clean_text = None,
+    name: clean_name = None,
+    ref: clean_ref = None,
+):
+    """The seed tutorial's name for POST /messages, which called the text `message`."""
+    if text is None and message is None:
+        response.status = hug.HTTP_400
+        return {"errors": {"text": "Required parameter 'text' not supplied"}}
+    return add_http_message(request, response, name, text or message, ref)
+
+
+def add_http_message(request, response, name, text, ref):
+    try:
+        address = voice_of(request.remote_addr)  # waitress's: the proxy's X-Forwarded-For behind it
+        message, stored_now = ask_room(post_in_room(address, name, text, ref))
+        if not stored_now:
+            response.status = hug.HTTP_200  # stored before, under this ref: nothing new
+        return message
+    except TooFast as error:
+        response.status = hug.HTTP_429
+        response.set_header("Retry-After", retry_after_header(error.retry_after))
+        return {"errors": {"text": str(error)}}
+    except NameTaken as error:
+        response.status = hug.HTTP_409
+        return {"errors": {"name": str(error)}}
+
+
+def retry_after_header(seconds):
+    """HTTP's Retry-After counts whole seconds: round up, so that the client is not early."""
+    return str(max(1, math.ceil(seconds)))
+
+
+@hug.get("/health", api=api)
+def health(response):
+    answer = ask_room(room.health())
+    if answer["status"] != "ok":
+        response.status = hug.HTTP_503
+    return answer
+
+
+@hug.exception(RoomUnavailable, api=api)
+def room_unavailable(exception, response):
+    """Redis is away, or the loop did not answer in time: 503, on every route, and when to
+    try again (the same post may be sent again: with its ref it is never stored twice)."""
+    response.status = hug.HTTP_503
+    response.set_header("Retry-After", retry_after_header(exception.retry_after))
+    return {"errors": {"room": str(exception)}}
+
+
+@hug.exception(BadInput, api=api)
+def bad_body(exception, response):
+    """Without this a body hug cannot read is a 500 with a traceback."""
+    response.status = hug.HTTP_400
+    return {"errors": {"body": str(exception)}}
+
+
+# --- The page's Content-Security-Policy --------------------------------------------------
+
+
+def page_policy(html, host):
+    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
+    return (
+        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
+        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
+        f"connect-src 'self' {websocket_address(host)}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def websocket_address(host):
+    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port."""
+    if policy.public_url:
+        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
+    return f"ws://{url_host(host)}:{room.ws_port}"
+
+
+def inline_hashes(html, tag):
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    digests = (
+        base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks
+    )
+    return " ".join(f"'sha256-{digest}'" for digest in digests)
+
+
+# --- When the loop is too busy to answer -------------------------------------------------
+
+
+def ask_loop(loop, coroutine, timeout=None):
+    """The one bridge from another thread into the event loop's thread: hand it a coroutine,
+    wait for the answer (asyncio's thread-safe call; nothing else crosses).
+
+    A loop too busy to start it within HTTP_WAIT gives RoomUnavailable (a 503); see
+    unless_too_late() for why it then never starts.
+    """
+    deadline = time.monotonic() + (timeout or HTTP_WAIT)
+    answer = asyncio.run_coroutine_threadsafe(unless_too_late(coroutine, deadline), loop)
+    try:
+        return answer.result(timeout=deadline - time.monotonic() + LATE_START)
+    except TimeoutError:
+        raise RoomUnavailable("the chat is too busy to answer: try again soon") from None
+
+
+async def unless_too_late(coroutine, deadline):
+    """Run `coroutine` only if the thread that asked for it still waits for the answer.
+
+    Cancelling the future of run_coroutine_threadsafe() does not stop a coroutine that the
+    loop starts in the same turn: a post whose client was told "503" would be stored a
+    moment later, and stored twice when the client tries again. So the coroutine checks the
+    time itself, first thing; one that started in time is waited for LATE_START longer.
+    """
+    if time.monotonic() > deadline:
+        coroutine.close()  # never started, and never will be
+        raise RoomUnavailable("the chat was too busy to answer in time: try again soon")
+    return await coroutine
+
+
+# --- Start-up and shutdown ---------------------------------------------------------------
+
+
+class Servers:
+    """The two running servers, their threads and real ports; stop() ends them all."""
+
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=8000,
+        ws_port=8765,
+        history=1000,
+        redis_url=None,
+        allowed_hosts=(),
+        public_url=None,
+        key=None,
+        store=None,
+    ):
+        self.http_connections, self.max_clients, self.max_connections = connection_limits(
+            raise_fd_limit()
+        )
+        log_repeated_errors_once()
+        self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
+        self.loop_thread.start()
+        try:
+            # Bound now, serving from run(); its port is a string in waitress, and real for 0.
+            self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))
+            self.port = int(self.http_server.effective_port)
+            global policy
+            policy = Policy(self.port, allowed_hosts, public_url, key)
+            starting = self.start_websockets(host, ws_port, history, redis_url, store)
+            self.ws_server = ask_loop(self.loop, starting, timeout=10)
+            self.room = room  # the module's `room` too, which the handlers use
+            self.ws_port = room.ws_port
+            self.http_thread = threading.Thread(target=self.http_server.run, name="http")
+            self.http_thread.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def bind_http(self, host, port, behind_proxy):
+        app = api.http.server(default_not_found=False)
+        app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
+        self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
+        settings = {
+            "map": self.socket_map,
+            "max_request_body_size": MAX_BODY + 1,  # waitress refuses a body of this size
+            # waitress reads requests in its one I/O thread and hands only whole ones to
+            # its worker threads: an idle or trickling connection costs a descriptor and
+            # a few KB, no thread. So allow many (the default, 100, was reached by 98 idle
+            # connections, and then nobody got the page), free the idle ones after 30 s
+            # instead of 120, looking every 5 s instead of every 30.
+            "connection_limit": self.http_connections,
+            "channel_timeout": 30,
+            "cleanup_interval": 5,
+            "backlog": 1024,  # connections the kernel queues while waitress is busy
+            "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
+        }
+        if (
+            behind_proxy
+        ):  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
+            settings.update(
+                trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"}
+            )
+        try:
+            return waitress.create_server(app, host=host, port=port, **settings)
+        except ValueError:  # waitress's "Invalid host/port specified.", with a traceback
+            raise OSError(f"{host} is not an address, nor a name that resolves") from None
+
+    async def start_websockets(self, host, ws_port, history, redis_url, store=None):
+        """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
+        global room
+        self.handshakes = set()  # see close_websockets()
+        server = await serve(
+            route,
+            host,
+            ws_port,
+            process_request=functools.partial(check_request, max_clients=self.max_clients),
+            open_timeout=OPEN_TIMEOUT,
+            max_size=MAX_FRAME,
+            write_limit=MAX_QUEUED,
+            create_connection=functools.partial(
+                ChatConnection, max_connections=self.max_connections, handshakes=self.handshakes
+            ),
+            ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+            close_timeout=CLOSE_TIMEOUT,
+            compression=None,  # chat messages are small; see docs/performance.md
+        )
+        loop, real_ws_port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
+        try:
+            room = await open_room(redis_url, history, loop, real_ws_port, store)
+        except BaseException:
+            server.close()
+            raise
+        return server
+
+    def stop(self):
+        """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client).
+
+        Also after a failed start: each step runs only if its server got that far.
+        """
+        try:
+            if hasattr(self, "http_server"):
+                stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
+            if hasattr(self, "ws_server"):
+                ask_loop(self.loop, close_websockets(self.ws_server, self.handshakes))
+                ask_loop(self.loop, self.room.close())
+        finally:  # whatever failed above, the loop's thread must end, or the process cannot
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop_thread.join(5)
+            if not self.loop_thread.is_alive():
+                self.loop.close()
+
+
+async def open_room(redis_url, history, loop, ws_port, store=None):
+    """The room in this process, with --store kept in a file too, or with --redis the room
+    in Redis (redis_room.py).
+
+    redis_room is imported only when asked for: the default chat needs neither Redis nor
+    its client.
+    """
+    if redis_url and store:
+        raise RoomUnavailable(
+            "--store and --redis do not go together: with --redis the room is in Redis, "
+            "which keeps it over a restart with its own persistence (appendonly yes)"
+        )
+    if store:
+        return StoredRoom(history, loop, ws_port, store)
+    if not redis_url:
+        return Room(history, loop, ws_port)
+    try:
+        import redis_room
+    except ModuleNotFoundError as missing:
+        raise RoomUnavailable(
+            f"--redis needs {missing.name}: python -m pip install redis"
+        ) from None
+    # What the Redis room builds on is handed over, not imported: see redis_room.py.
+    return await redis_room.open_room(
+        redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
+    )
+
+
+def stop_waitress(server, socket_map, thread):
+    """Stop a waitress server that runs in `thread` (None: bound, but never served).
+
+    waitress documents only serve(), which runs until the process ends. To stop it from
+    another thread, its own trigger (a pipe its I/O loop watches) runs close_all() in that
+    loop; a request's wake-up can come first and close the trigger, which is just as good.
+    Then its worker threads finish the requests they have.
+    """
+    close_all = functools.partial(waitress.wasyncore.close_all, socket_map)
+    if thread is None:
+        close_all()
+    else:
+        with contextlib.suppress(OSError):  # the trigger was closed by the time we pulled it
+            server.trigger.pull_trigger(close_all)
+        thread.join(5)
+    server.task_dispatcher.shutdown(timeout=5)
+
+
+async def close_websockets(server, handshakes):
+    """websockets' close() (1001 to every client), without waiting out the handshakes under way.
+
+    close() answers a handshake that is under way with a 503 when its request comes, and
+    waits for it until OPEN_TIMEOUT: one idle TCP connection held a shutdown for 5 s. So they
+    are closed here; a connection that comes after close() is closed by
+    ChatConnection.connection_made() (close() stops accepting only in a task of its own).
+    """
+    server.close()
+    for connection in list(handshakes):
+        connection.transport.abort()
+    await server.wait_closed()
+
+
+# --- main() ------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Set by the first Ctrl+C or SIGTERM, even one that comes during start-up.
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        servers = Servers(
+            args.host,
+            args.port,
+            args.ws_port,
+            args.history,
+            args.redis,
+            args.allow_host,
+            args.public_url,
+            args.key,
+            args.store,
+        )
+    except RoomUnavailable as error:
+        print(f"chat.py: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        where = f"{args.host}, port {args.port} or {args.ws_port}"
+        print(
+            f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr
+        )
+        return 2
+
+    addresses = reachable_addresses(args.host)
+    with_key = f"?key={args.key}" if args.key else ""  # the link people open: the key goes with it
+    for address in addresses:  # the first two lines are machine-readable: tests and tools read them
+        print(f"Chat page:  http://{url_host(address)}:{servers.port}/{with_key}", flush=True)
+        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)
+    if args.public_url:
+        print(f"Public:     {args.public_url}/{with_key} (through the proxy)", flush=True)
+    if args.no_key:
+        print(
+            f"No room key (--no-key): anyone who can reach port {servers.port} is in.", flush=True
+        )
+    if not is_loopback(args.host):
+        print_qr_code(f"http://{url_host(addresses[0])}:{servers.port}/{with_key}")
+    if args.open:
+        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/{with_key}")
+
+    while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
+        pass
+    servers.stop()
+    print("Stopped.", flush=True)
+    return 0
+
+
+def reachable_addresses(host):
+    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
+
+    So print this machine's own addresses, loopback last (it works only here): the one its
+    default route leaves from (connecting a UDP socket sends nothing, it only picks the
+    route) and the ones its host name resolves to.
+    """
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    family, somewhere, loopback = (
+        (socket.AF_INET, "198.51.100.1", "127.0.0.1")
+        if host == "0.0.0.0"
+        else (socket.AF_INET6, "2001:db8::1", "::1")
+    )
+    found = []
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
+        found.append(probe.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
+    lan = [
+        address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback
+    ]
+    return [*dict.fromkeys(lan), loopback]
+
+
+def print_qr_code(url):
+    """The first page URL as a QR code, for phones: half blocks, two rows of modules a line.
+
+    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
+    often do not read. A terminal that cannot show the blocks gets no QR code.
+    """
+    with contextlib.suppress(UnicodeEncodeError):
+        segno.make_qr(url).terminal(out=sys.stdout, compact=True)
+    sys.stdout.flush()
+
+
+# --- The command line --------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="chat.py", usage=argparse.SUPPRESS, description="A real-time chat: hug + websockets."
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port", type=port_number, default=8000, help="HTTP port, 0 for any free one"
+    )
+    parser.add_argument(
+        "--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one"
+    )
+    parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
+    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
+    parser.add_argument(
+        "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
+    )
+    parser.add_argument(
+        "--store", metavar="FILE", help="keep the history in this SQLite file, over restarts"
+    )
+    parser.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        type=host_name_argument,
+        action="append",
+        default=[],
+        help="a host name the chat answers to, besides IP addresses, localhost, *.localhost "
+        "and this machine's name (repeatable)",
+    )
+    parser.add_argument(
+        "--public-url",
+        metavar="URL",
+        type=public_url,
+        help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
+    )
+    parser.add_argument(
+        "--key",
+        type=room_key_argument,
+        help="the room key people need, so a restart keeps the link (default: a new random one "
+        "when --host is not loopback or with --public-url; the same one for every --redis process)",
+    )
+    parser.add_argument(
+        "--no-key",
+        action="store_true",
+        help="no room key even where strangers can reach the chat: anyone who can reach it is in",
+    )
+    args = parser.parse_args(argv)
+    choose_room_key(parser, args)
+    return args
+
+
+def choose_room_key(parser, args):
+    """A key wherever strangers can reach the chat: a --host that is not loopback, --public-url.
+
+    Several processes of one room (--redis) must accept one key: each would make its own, so
+    they are given the same --key (the docs say so).
+    """
+    exposed = args.public_url or not is_loopback(args.host)
+    if args.key and args.no_key:
+        parser.error("--key and --no-key: choose one")
+    if args.no_key or args.key or not exposed:
+        args.no_key = args.no_key and exposed  # --no-key on loopback changes nothing
+        return
+    if args.redis:
+        parser.error(
+            "--redis where strangers can reach the chat: give every process the same --key KEY "
+            "(make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
+    args.key = secrets.token_urlsafe(16)
+
+
+def is_loopback(host):
+    """Whether only this machine can reach an address to bind: 127.0.0.1, ::1, localhost."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
+def room_key_argument(value):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,200}", value):
+        raise argparse.ArgumentTypeError(
+            "a room key is 16 or more letters, digits, - or _ (make one: "
+            "python -c 'import secrets; print(secrets.token_urlsafe())')"
+        )
+    return value
+
+
+def host_name_argument(value):
+    try:
+        name = host_name(value)
+    except ValueError:
+        name = None
+    if not name or name != value.lower().rstrip(".") or "/" in value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a host name such as chat.lan (no scheme, no port)"
+        )
+    return name
+
+
+def public_url(value):
+    """http(s)://host[:port] and no path: the page's origin, where it finds /config and /ws."""
+    if origin_parts(value):  # None when it is no URL at all, or its port is not a number
+        url = urllib.parse.urlsplit(value)
+        just_an_origin = url.path in ("", "/") and not url.query and not url.fragment
+        if (
+            url.scheme in ("http", "https")
+            and url.hostname
+            and "@" not in url.netloc
+            and just_an_origin
+        ):
+            return f"{url.scheme}://{url.netloc.lower()}"
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not a URL such as https://chat.example.org (no path)"
+    )
+
+
+def port_number(value):
+    port = whole_number(value, 0, 65535)
+    if port is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
+    return port
+
+
+def positive(value):
+    count = whole_number(value, 1, 999_999_999)
+    if count is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
+    return count
+
+
+# --- A restart keeps the room: --store FILE, in SQLite -----------------------------------
 
 
 class StoredRoom(Room):
@@ -868,498 +1500,55 @@ def store_error(error):
     return str(error)
 
 
-# --- The websocket handlers -----------------------------------------------------------
+# Names belong to people: what a name may hold (skip on a first reading) ..................
+
+# Format characters (Unicode Cf) draw nothing and change how what follows them is drawn:
+# U+202E reverses the rest of the line, U+200B is a name of nothing. Only the joiners stay,
+# inside a word: Persian needs U+200C, emoji such as 👩‍💻 need U+200D.
+JOINERS = "\u200c\u200d"
+# Draw nothing, though Unicode does not call them format characters: fillers and a blank,
+# which make "bob" and "bob\u3164" two names that look the same.
+BLANKS = "\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5"
+# Combining marks pile up above or below the letter before them: 31 drew over the messages
+# next to the name. A few in a row are real writing, after NFC: Thai needs 2, pointed
+# Hebrew and Tibetan stacks 3.
+MAX_MARKS = 3
 
 
-async def route(connection):
-    """The websocket server's one handler: the path picks the room or the echo."""
-    try:
-        if urllib.parse.urlsplit(connection.request.path).path == "/echo":
-            await echo(connection)
-        else:
-            await chat(connection)
-    except (ConnectionClosed, TimeoutError):
-        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
-
-
-async def echo(connection):
-    """The first workshop step: every frame goes straight back to its sender."""
-    async for frame in connection:
-        await connection.send(frame)
-
-
-async def chat(connection):
-    """One client in the room: history first, then its frames until it goes."""
-    name, since, errors = read_query(connection)
-    address = voice_of(client_address(connection))
-    try:
-        await room.join(connection, name, since)
-        for error in errors:  # a bad name or since in the URL: said once the client listens
-            await send_error(connection, error)
-        async for frame in connection:
-            data = {}
-            try:
-                data = read_frame(frame)
-                if data.get("type") == "ping":  # the page's heartbeat: answered, not counted
-                    await connection.send(json.dumps({"type": "pong"}))
-                    continue
-                room.check_rate(address)  # messages and renames: one limit per address
-                await handle_frame(connection, data)
-            except (BadInput, RoomUnavailable) as error:
-                if data.get("type") == "name":  # the page puts its name box back to the room's
-                    await send_error(
-                        connection, f"rename refused: {error}", name=room.clients[connection]
-                    )
-                else:
-                    await send_error(connection, str(error), data.get("ref"), error.retry_after)
-    finally:
-        room.leave(connection)
-
-
-def read_frame(frame):
-    """A frame as a dict; a frame that is not a JSON object is a message's text."""
-    if isinstance(frame, bytes):
-        raise BadInput("binary frames are not accepted: send text")
-    try:
-        data = json.loads(frame)
-    except json.JSONDecodeError:
-        data = None
-    except (ValueError, RecursionError) as error:  # past what Python reads, not bad syntax
-        if frame.lstrip(" \t\n\r").startswith("{"):  # meant as an object: say why it is not
-            raise BadInput(f"the frame cannot be read as JSON: {json_limit(error)}") from None
-        data = None
-    if not isinstance(data, dict):
-        return {"type": "message", "text": frame}
-    return without_nulls(data)
-
-
-def json_limit(error):
-    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
-    if isinstance(error, RecursionError):
-        return "it is nested too deep"
-    return f"a number has more than {sys.get_int_max_str_digits()} digits"
-
-
-async def handle_frame(connection, data):
-    """Act on one frame from a client."""
-    if data.get("type") == "message":
-        await post_from(connection, clean_text(data.get("text")), clean_ref(data.get("ref")))
-    elif data.get("type") == "name":
-        room.rename(connection, clean_name(data.get("name")))
-    else:
-        raise BadInput(
-            f"unknown type: {str(data.get('type'))[:40]!r} (use 'message', 'name' or 'ping')"
+def check_format_characters(name):
+    for i, c in enumerate(name):
+        if unicodedata.category(c) != "Cf" and c not in BLANKS:
+            continue
+        inside_a_word = 0 < i < len(name) - 1 and not any(
+            n.isspace() or unicodedata.category(n) == "Cf" for n in (name[i - 1], name[i + 1])
         )
-
-
-async def post_from(connection, text, ref):
-    """Post for one client; a repeated ref gets the stored message again, to this client only."""
-    message, stored_now = await room.post(room.clients[connection], text, ref)
-    if not stored_now:
-        await connection.send(json.dumps(message, ensure_ascii=False))
-
-
-async def send_error(connection, error, ref=None, retry_after=None, name=None):
-    """The error, with the `ref` of the message it refuses, so the page knows which one (or for a
-    refused rename, the `name` the room still knows).
-
-    `retry_after` (seconds) only for a failure that sending the same frame again can cure
-    (too fast, the room away): the page then sends it again by itself; without it the
-    refusal is for good (too long, a bad name) and the person decides.
-    """
-    frame = {
-        "type": "error",
-        "error": error,
-    }
-    if is_ref(ref):
-        frame["ref"] = ref
-    if retry_after is not None:
-        frame["retry_after"] = math.ceil(retry_after * 1000) / 1000  # rounded up: never early
-    if name is not None:
-        frame["name"] = name
-    await connection.send(json.dumps(frame, ensure_ascii=False))
-
-
-# Guards of the websocket server (skip on a first reading) .................................
-
-
-def read_query(connection):
-    """The name and `since` asked for in the URL, and what was wrong with them.
-
-    A bad one does not refuse the connection (a browser cannot read why a handshake
-    failed): the client gets a guest name, or the last 50 messages, and an error frame.
-    """
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
-    name, since, errors = None, None, []
-    try:
-        if "name" in query:  # held from now on, so two people cannot join as one name at once
-            name = room.hold_name(connection, clean_name(query["name"][0]))
-    except BadInput as error:
-        errors.append(str(error))
-    try:
-        since = parse_since(query.get("since", [None])[0])
-    except BadInput as error:
-        errors.append(str(error))
-    if query.get("room", [room.room_id])[0] != room.room_id:
-        since = None  # ids began again in this room: the client's `since` means nothing here
-    return name or room.hold_name(connection, room.guest_name()), since, errors
-
-
-def check_request(connection, request, max_clients):
-    """Refuse unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
-    (403 or 400), a handshake without the room key (401), a full room (503), and an address
-    past its share (429); count the rest in."""
-    url = urllib.parse.urlsplit(request.path)
-    if url.path not in (*ROOM_PATHS, "/echo"):
-        return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
-    for header in ("Host", "Origin"):  # headers.get() raises MultipleValuesError on two (a 500)
-        if len(request.headers.get_all(header)) > 1:
-            return connection.respond(
-                http.HTTPStatus.BAD_REQUEST, f"The {header} header is sent more than once\n"
+        if c not in JOINERS or not inside_a_word:
+            raise BadInput(
+                f"name has an invisible format character (U+{ord(c):04X}, "
+                f"{unicodedata.name(c, 'unnamed')}): bidi controls and the like are not allowed"
             )
-    refusal = policy.refusal(request.headers.get("Host"), request.headers.get("Origin"))
-    if refusal:
-        status, _, reason = refusal
-        return connection.respond(status, reason + "\n")
-    if policy.key and not policy.admits(handshake_keys(request)):
-        refused = connection.respond(http.HTTPStatus.UNAUTHORIZED, policy.how_to_get_in() + "\n")
-        refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
-        return refused
-    if is_full(connection.server, max_clients):
-        return connection.respond(
-            http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
-        )
-    address = voice_of(client_address(connection))
-    reason = address_refusal(address)
-    if reason:
-        refused = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
-        refused.headers["Retry-After"] = "1"
-        return refused
-    connection.counted_in = room, address  # and counted out when the connection is lost
-    room.connected(address)
-    return None
 
 
-def handshake_keys(request):
-    """The room keys a handshake brings (see presented_keys())."""
-    url, headers = urllib.parse.urlsplit(request.path), request.headers
-    return presented_keys(url.query, headers.get_all("Authorization"), headers.get_all("Cookie"))
+def is_invisible(c):
+    """True if the character draws nothing by itself (a mark needs a letter to sit on)."""
+    return c.isspace() or unicodedata.category(c) in ("Cf", "Mn", "Me", "Mc")
 
 
-def address_refusal(address):
-    """Why one more websocket from this address is refused; None when it is welcome.
+def longest_run_of_marks(name):
+    run = longest = 0
+    for c in name:
+        run = run + 1 if unicodedata.category(c) in ("Mn", "Me") else 0
+        longest = max(longest, run)
+    return longest
 
-    A join costs every client a presence change: one address connecting in a loop made the
-    server send 275 KB/s of them to everyone. A phone that reconnects now and then never
-    comes near JOIN_BURST; a loop empties it and then gets JOINS_PER_SECOND.
-    """
-    if room.connections_from[address] >= MAX_PER_ADDRESS:
-        return (
-            f"{MAX_PER_ADDRESS} websocket connections from your address are open already: "
-            "close one first"
-        )
-    if not room.join_buckets.take(address):
-        return "connecting too often from your address: wait a few seconds"
-    return None
 
+def name_key(name):
+    """What makes two names the same name to people: "Bob", "BOB" and "ｂｏｂ" are one,
+    and so are "bob" and "b\u200cob" (a joiner shows nothing between two letters)."""
+    return unicodedata.normalize("NFKC", name).casefold().translate({ord(c): None for c in JOINERS})
 
-def client_address(connection):
-    """The address of the client at the other end of a websocket connection.
 
-    Behind the proxy (--public-url) every connection comes from the proxy on 127.0.0.1, so
-    the client is the last address that proxy added to X-Forwarded-For, as waitress reads it
-    for HTTP (trusted_proxy). From anyone else, or without --public-url, the header is
-    ignored: a client cannot pick its own address.
-    """
-    peer = connection.remote_address[0]
-    if policy.public_url and peer == PROXY:
-        forwarded = ",".join(connection.request.headers.get_all("X-Forwarded-For"))
-        with contextlib.suppress(ValueError):  # none, or no address: the proxy's own then
-            return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
-    return peer
-
-
-def voice_of(address):
-    """What one person's client address is, for the limits per address: an IPv6 address's /64
-    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
-    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:  # no address at all (a test's fake client): itself
-        return address
-    if ip.version == 6 and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    if ip.version == 6:
-        return str(ipaddress.ip_network((ip, 64), strict=False))
-    return address
-
-
-def is_full(server, max_clients):
-    """Every websocket connection holds a file descriptor, and so does every HTTP one: the
-    cap keeps enough of them for HTTP, /health and the handshakes that refuse the rest."""
-    return len(server.all_connections) >= max_clients
-
-
-class ChatConnection(ServerConnection):
-    """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
-
-    broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
-    calls pause_writing() when the write buffer passes its high-water mark (write_limit
-    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
-    can come back with since=.
-    """
-
-    waiting_for_client = False
-    counted_in = None  # the room and client address check_request() counted it under
-
-    def __init__(self, *args, max_connections, handshakes, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_connections = max_connections
-        self.handshakes = handshakes  # the server's connections still in their handshake
-
-    def connection_made(self, transport):
-        """Close a TCP connection at once past max_connections (clients and handshakes under
-        way): connections that never send a handshake must not take the descriptors that
-        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
-        super().connection_made(transport)
-        closing = self.server.close_task is not None  # see close_websockets()
-        if len(self.server.handler_tasks) > self.max_connections or closing:
-            transport.abort()
-        else:
-            self.handshakes.add(self)
-
-    async def handshake(self, *args, **kwargs):
-        try:
-            await super().handshake(*args, **kwargs)
-        finally:
-            self.handshakes.discard(self)
-
-    def connection_lost(self, exc):
-        """However it ends (a handshake refused later, a close, a lost network), count it out."""
-        self.handshakes.discard(self)
-        super().connection_lost(exc)
-        if self.counted_in:
-            counted_room, address = self.counted_in
-            counted_room.disconnected(address)
-            self.counted_in = None
-
-    def pause_writing(self):
-        super().pause_writing()
-        if not self.waiting_for_client:
-            self.transport.abort()
-
-    @contextlib.contextmanager
-    def catching_up(self):
-        """While the history is sent, wait for the client instead of dropping it.
-
-        A client catching up is behind by design. A write limit of 0 makes every
-        `await connection.send()` wait until the kernel has taken all of it: the server
-        holds one piece at most, and when the last one is written (in Room.join, with
-        no wait) nothing else is queued.
-        """
-        self.waiting_for_client = True
-        self.transport.set_write_buffer_limits(high=0)
-        try:
-            yield
-        finally:
-            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
-            self.waiting_for_client = False
-
-    async def send_in_time(self, frame):
-        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
-
-        A client that stops reading in the middle of its history is dropped, as one that
-        stops answering pings is: websockets' own pings wait behind the history.
-        """
-        try:
-            async with asyncio.timeout(PING_TIMEOUT):
-                await self.send(frame)
-        except TimeoutError:
-            self.transport.abort()
-            raise
-
-
-# --- The HTTP routes (hug) ------------------------------------------------------------
-
-
-api = hug.API(__name__)
-
-
-def ask_room(coroutine):
-    """Run a coroutine on the room's event loop and wait for its answer.
-
-    HTTP handlers run in waitress's threads; the room belongs to the loop. Calling
-    room.post(...) here only makes the coroutine: the loop runs it.
-    """
-    return ask_loop(room.loop, coroutine)
-
-
-def ask_loop(loop, coroutine, timeout=None):
-    """The one bridge from another thread into the event loop's thread: hand it a coroutine,
-    wait for the answer (asyncio's thread-safe call; nothing else crosses).
-
-    A loop too busy to start it within HTTP_WAIT gives RoomUnavailable (a 503); see
-    unless_too_late() for why it then never starts.
-    """
-    deadline = time.monotonic() + (timeout or HTTP_WAIT)
-    answer = asyncio.run_coroutine_threadsafe(unless_too_late(coroutine, deadline), loop)
-    try:
-        return answer.result(timeout=deadline - time.monotonic() + LATE_START)
-    except TimeoutError:
-        raise RoomUnavailable("the chat is too busy to answer: try again soon") from None
-
-
-@hug.get(["/messages", "/get_messages"], api=api)
-def get_messages(since: since_type = 0, limit: limit_type = 100):
-    return {"messages": ask_room(room.fetch(since, limit))}
-
-
-@hug.post("/messages", api=api, status=hug.HTTP_201)
-def post_message(
-    request, response, text: clean_text, name: clean_name = None, ref: clean_ref = None
-):
-    """Store and broadcast a message: 201 and the stored message (200 for a repeated ref)."""
-    return add_http_message(request, response, name, text, ref)
-
-
-@hug.post("/send_message", api=api, status=hug.HTTP_201)
-def send_message(
-    request,
-    response,
-    text: clean_text = None,
-    message: clean_text = None,
-    name: clean_name = None,
-    ref: clean_ref = None,
-):
-    """The seed tutorial's name for POST /messages, which called the text `message`."""
-    if text is None and message is None:
-        response.status = hug.HTTP_400
-        return {"errors": {"text": "Required parameter 'text' not supplied"}}
-    return add_http_message(request, response, name, text or message, ref)
-
-
-def add_http_message(request, response, name, text, ref):
-    try:
-        address = voice_of(request.remote_addr)  # waitress's: the proxy's X-Forwarded-For behind it
-        message, stored_now = ask_room(post_in_room(address, name, text, ref))
-        if not stored_now:
-            response.status = hug.HTTP_200  # stored before, under this ref: nothing new
-        return message
-    except TooFast as error:
-        response.status = hug.HTTP_429
-        response.set_header("Retry-After", retry_after_header(error.retry_after))
-        return {"errors": {"text": str(error)}}
-    except NameTaken as error:
-        response.status = hug.HTTP_409
-        return {"errors": {"name": str(error)}}
-
-
-def retry_after_header(seconds):
-    """HTTP's Retry-After counts whole seconds: round up, so that the client is not early."""
-    return str(max(1, math.ceil(seconds)))
-
-
-async def post_in_room(address, name, text, ref):
-    room.check_rate(address)
-    if name:  # a name someone else goes by in the room is theirs, over HTTP too
-        room.check_name_is_free(name, address)
-    return await room.post(name or room.guest_name(), text, ref)
-
-
-@hug.get("/health", api=api)
-def health(response):
-    answer = ask_room(room.health())
-    if answer["status"] != "ok":
-        response.status = hug.HTTP_503
-    return answer
-
-
-@hug.get("/config", api=api)
-def config():
-    """What the page needs to connect."""
-    return {
-        "ws_port": room.ws_port,
-        "ws_path": "/ws"
-        if policy.public_url
-        else None,  # behind a proxy: the page's own origin, at /ws
-        "room": room.room_id,
-        "max_text": MAX_TEXT,
-        "max_name": MAX_NAME,
-    }
-
-
-# The page .................................................................................
-
-
-@hug.get(["/", "/chat"], api=api, output=hug.output_format.html)
-def page(request, response):
-    """Read on every request, so that an edit to chat.html shows on reload."""
-    query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
-    if policy.key and any(name == "key" for name, _ in query):
-        return keep_the_key_in_a_cookie(request, response, query)
-    html = PAGE.read_text(encoding="utf-8")
-    # The name as the browser wrote it ("localhost." too: the CSP must name what it connects
-    # to), not falcon's request.host, which raises for "Host: localhost:" (a 500).
-    host = request.get_header("Host")
-    host = host_and_port(host)[0] if host else request.env["SERVER_NAME"]
-    response.set_header("Content-Security-Policy", page_policy(html, host))
-    return html
-
-
-def keep_the_key_in_a_cookie(request, response, query):
-    """The link's ?key= goes into a cookie, and the browser to the same page without it (303):
-    the key stays out of the address bar, the history and a photo of the projector."""
-    if policy.admits([value for name, value in query if name == "key"]):  # not the old cookie's
-        response.append_header("Set-Cookie", policy.key_cookie())
-    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "key"])
-    response.status = hug.HTTP_303
-    response.set_header("Location", request.path + (f"?{rest}" if rest else ""))
-    return ""
-
-
-def page_policy(html, host):
-    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
-    return (
-        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
-        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
-        f"connect-src 'self' {websocket_address(host)}; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-
-
-def websocket_address(host):
-    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port."""
-    if policy.public_url:
-        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
-    return f"ws://{url_host(host)}:{room.ws_port}"
-
-
-def inline_hashes(html, tag):
-    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
-    digests = (
-        base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks
-    )
-    return " ".join(f"'sha256-{digest}'" for digest in digests)
-
-
-# When the loop is too busy to answer (skip on a first reading) ............................
-
-
-async def unless_too_late(coroutine, deadline):
-    """Run `coroutine` only if the thread that asked for it still waits for the answer.
-
-    Cancelling the future of run_coroutine_threadsafe() does not stop a coroutine that the
-    loop starts in the same turn: a post whose client was told "503" would be stored a
-    moment later, and stored twice when the client tries again. So the coroutine checks the
-    time itself, first thing; one that started in time is waited for LATE_START longer.
-    """
-    if time.monotonic() > deadline:
-        coroutine.close()  # never started, and never will be
-        raise RoomUnavailable("the chat was too busy to answer in time: try again soon")
-    return await coroutine
-
-
-# --- Who may talk to the chat: one policy for HTTP and websockets ---------------------
+# --- Who may talk to the chat: one policy for HTTP and websockets ------------------------
 
 
 class Policy:
@@ -1539,6 +1728,17 @@ def refuse_page(response):
     response.complete = True
 
 
+def keep_the_key_in_a_cookie(request, response, query):
+    """The link's ?key= goes into a cookie, and the browser to the same page without it (303):
+    the key stays out of the address bar, the history and a photo of the projector."""
+    if policy.admits([value for name, value in query if name == "key"]):  # not the old cookie's
+        response.append_header("Set-Cookie", policy.key_cookie())
+    rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "key"])
+    response.status = hug.HTTP_303
+    response.set_header("Location", request.path + (f"?{rest}" if rest else ""))
+    return ""
+
+
 def refuse(response, status, errors):
     """Answer now, with hug's JSON error format: falcon runs no route after this."""
     response.status = status
@@ -1547,7 +1747,7 @@ def refuse(response, status, errors):
     response.complete = True
 
 
-# Host names and origins (skip on a first reading) .........................................
+# Host names and origins (skip on a first reading) ........................................
 
 
 def host_name(host):
@@ -1618,7 +1818,310 @@ def origin_parts(origin):
         return None
 
 
-# hug workarounds: reading request bodies (skip on a first reading) ........................
+# Guards of the websocket server, one voice per address (skip on a first reading) .........
+
+
+def check_request(connection, request, max_clients):
+    """Refuse unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
+    (403 or 400), a handshake without the room key (401), a full room (503), and an address
+    past its share (429); count the rest in."""
+    url = urllib.parse.urlsplit(request.path)
+    if url.path not in (*ROOM_PATHS, "/echo"):
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
+    for header in ("Host", "Origin"):  # headers.get() raises MultipleValuesError on two (a 500)
+        if len(request.headers.get_all(header)) > 1:
+            return connection.respond(
+                http.HTTPStatus.BAD_REQUEST, f"The {header} header is sent more than once\n"
+            )
+    refusal = policy.refusal(request.headers.get("Host"), request.headers.get("Origin"))
+    if refusal:
+        status, _, reason = refusal
+        return connection.respond(status, reason + "\n")
+    if policy.key and not policy.admits(handshake_keys(request)):
+        refused = connection.respond(http.HTTPStatus.UNAUTHORIZED, policy.how_to_get_in() + "\n")
+        refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
+        return refused
+    if is_full(connection.server, max_clients):
+        return connection.respond(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
+        )
+    address = voice_of(client_address(connection))
+    reason = address_refusal(address)
+    if reason:
+        refused = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
+        refused.headers["Retry-After"] = "1"
+        return refused
+    connection.counted_in = room, address  # and counted out when the connection is lost
+    room.connected(address)
+    return None
+
+
+def handshake_keys(request):
+    """The room keys a handshake brings (see presented_keys())."""
+    url, headers = urllib.parse.urlsplit(request.path), request.headers
+    return presented_keys(url.query, headers.get_all("Authorization"), headers.get_all("Cookie"))
+
+
+def address_refusal(address):
+    """Why one more websocket from this address is refused; None when it is welcome.
+
+    A join costs every client a presence change: one address connecting in a loop made the
+    server send 275 KB/s of them to everyone. A phone that reconnects now and then never
+    comes near JOIN_BURST; a loop empties it and then gets JOINS_PER_SECOND.
+    """
+    if room.connections_from[address] >= MAX_PER_ADDRESS:
+        return (
+            f"{MAX_PER_ADDRESS} websocket connections from your address are open already: "
+            "close one first"
+        )
+    if not room.join_buckets.take(address):
+        return "connecting too often from your address: wait a few seconds"
+    return None
+
+
+def client_address(connection):
+    """The address of the client at the other end of a websocket connection.
+
+    Behind the proxy (--public-url) every connection comes from the proxy on 127.0.0.1, so
+    the client is the last address that proxy added to X-Forwarded-For, as waitress reads it
+    for HTTP (trusted_proxy). From anyone else, or without --public-url, the header is
+    ignored: a client cannot pick its own address.
+    """
+    peer = connection.remote_address[0]
+    if policy.public_url and peer == PROXY:
+        forwarded = ",".join(connection.request.headers.get_all("X-Forwarded-For"))
+        with contextlib.suppress(ValueError):  # none, or no address: the proxy's own then
+            return str(ipaddress.ip_address(forwarded.split(",")[-1].strip()))
+    return peer
+
+
+def voice_of(address):
+    """What one person's client address is, for the limits per address: an IPv6 address's /64
+    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
+    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # no address at all (a test's fake client): itself
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network((ip, 64), strict=False))
+    return address
+
+
+def is_full(server, max_clients):
+    """Every websocket connection holds a file descriptor, and so does every HTTP one: the
+    cap keeps enough of them for HTTP, /health and the handshakes that refuse the rest."""
+    return len(server.all_connections) >= max_clients
+
+
+class ChatConnection(ServerConnection):
+    """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
+
+    broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
+    calls pause_writing() when the write buffer passes its high-water mark (write_limit
+    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
+    can come back with since=.
+    """
+
+    waiting_for_client = False
+    counted_in = None  # the room and client address check_request() counted it under
+
+    def __init__(self, *args, max_connections, handshakes, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections = max_connections
+        self.handshakes = handshakes  # the server's connections still in their handshake
+
+    def connection_made(self, transport):
+        """Close a TCP connection at once past max_connections (clients and handshakes under
+        way): connections that never send a handshake must not take the descriptors that
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        super().connection_made(transport)
+        closing = self.server.close_task is not None  # see close_websockets()
+        if len(self.server.handler_tasks) > self.max_connections or closing:
+            transport.abort()
+        else:
+            self.handshakes.add(self)
+
+    async def handshake(self, *args, **kwargs):
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            self.handshakes.discard(self)
+
+    def connection_lost(self, exc):
+        """However it ends (a handshake refused later, a close, a lost network), count it out."""
+        self.handshakes.discard(self)
+        super().connection_lost(exc)
+        if self.counted_in:
+            counted_room, address = self.counted_in
+            counted_room.disconnected(address)
+            self.counted_in = None
+
+    def pause_writing(self):
+        super().pause_writing()
+        if not self.waiting_for_client:
+            self.transport.abort()
+
+    @contextlib.contextmanager
+    def catching_up(self):
+        """While the history is sent, wait for the client instead of dropping it.
+
+        A client catching up is behind by design. A write limit of 0 makes every
+        `await connection.send()` wait until the kernel has taken all of it: the server
+        holds one piece at most, and when the last one is written (in Room.join, with
+        no wait) nothing else is queued.
+        """
+        self.waiting_for_client = True
+        self.transport.set_write_buffer_limits(high=0)
+        try:
+            yield
+        finally:
+            self.transport.set_write_buffer_limits(self.write_limit_high, self.write_limit_low)
+            self.waiting_for_client = False
+
+    async def send_in_time(self, frame):
+        """Send, and wait until the client has taken it, for PING_TIMEOUT at most.
+
+        A client that stops reading in the middle of its history is dropped, as one that
+        stops answering pings is: websockets' own pings wait behind the history.
+        """
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await self.send(frame)
+        except TimeoutError:
+            self.transport.abort()
+            raise
+
+
+def json_limit(error):
+    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
+    if isinstance(error, RecursionError):
+        return "it is nested too deep"
+    return f"a number has more than {sys.get_int_max_str_digits()} digits"
+
+
+# Sending one frame to everyone: a prepared frame (skip on a first reading) ...............
+
+
+def send_prepared(connections, text):
+    """websockets.broadcast(), with the frame serialized once for everyone instead of per client.
+
+    Only clients mask their frames; a server's are not masked, so a text frame's bytes are the
+    same for every client. broadcast() builds a Frame, its header and a copy of the text for
+    each connection; here the bytes are made once and written to every transport (Go's
+    gorilla/websocket calls this a PreparedMessage). A connection that cannot take them goes to
+    broadcast() itself, which skips it or compresses for it exactly as it always did.
+    transport.write() is where broadcast() ends too, so a client that stops reading still trips
+    pause_writing() and ChatConnection drops it.
+    """
+    frame = prepared_frame(text)
+    for connection in connections:
+        if takes_prepared_frame(connection):
+            connection.transport.write(frame)
+        else:
+            broadcast([connection], text)
+
+
+def prepared_frame(text):
+    """The bytes protocol.send_text() makes on a server: one unmasked, final text frame."""
+    return Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+def takes_prepared_frame(connection):
+    """Open, not half-way through sending a fragmented message, no extension, transport not closing.
+
+    The checks broadcast() and protocol.send_text() make, read from websockets 17 internals:
+    protocol.state (a closing connection has sent its close frame: nothing may follow it),
+    connection.send_in_progress and protocol.expect_continuation_frame (a frame between two
+    fragments would break the message), protocol.extensions (compression makes other bytes for
+    each connection). And the transport: ChatConnection aborts a slow reader's before the
+    connection knows; asyncio would drop the bytes, uvloop would raise, broadcast() copes.
+    websockets writes its own frames to the transport as soon as it makes them, so none can be
+    waiting to go out before ours. A renamed attribute fails every test; a changed meaning fails
+    the tests under "Prepared frames" in test_chat.py.
+    """
+    protocol = connection.protocol
+    return (
+        protocol.state is State.OPEN
+        and connection.send_in_progress is None
+        and not protocol.expect_continuation_frame
+        and not protocol.extensions
+        and not connection.transport.is_closing()
+    )
+
+
+# Limits with headroom: file descriptors (skip on a first reading) ........................
+
+
+def raise_fd_limit():
+    """Raise this process's descriptor limit to the most it may have; return the limit.
+
+    Each connection, websocket or HTTP, holds a descriptor; a shell often starts programs
+    with 1024 while allowing far more. Out of them, accept() fails for both servers.
+    """
+    if resource is None:
+        return 1024  # what connection_limits() should plan for where it cannot ask
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = 1024 * 1024 if hard == resource.RLIM_INFINITY else hard  # Linux's fs.nr_open
+    for limit in (ceiling, min(ceiling, 10240)):  # macOS refuses more than OPEN_MAX, 10240
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            return limit
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limits(fd_limit):
+    """How many connections fit in `fd_limit` descriptors, with headroom: HTTP connections,
+    websocket clients, and websocket connections at all (clients and handshakes under way).
+
+    An HTTP connection may need a second descriptor (waitress spools a response over 1 MB
+    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets, a
+    tenth of it (at least 10) for handshakes beyond the cap, which get their 503.
+    """
+    http_connections = max(10, min(HTTP_CONNECTIONS, fd_limit // 8))
+    websockets = max(2, fd_limit - FD_RESERVED - 2 * http_connections)
+    max_clients = max(1, min(MAX_CLIENTS, websockets * 9 // 10))
+    return http_connections, max_clients, min(websockets, max_clients + max(10, max_clients // 10))
+
+
+# The same error logged once (skip on a first reading) ....................................
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each log message through once every LOG_EVERY seconds.
+
+    When descriptors run out, accept() fails at once each time it is tried: waitress and
+    asyncio then log a traceback per try, megabytes a second, which helps nobody.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.last_logged = {}
+
+    def filter(self, record):
+        now, key = time.monotonic(), (record.name, record.msg)
+        if now - self.last_logged.get(key, float("-inf")) < LOG_EVERY:
+            return False
+        self.last_logged[key] = now
+        return True
+
+
+ONCE_PER_INTERVAL = OncePerInterval()
+
+
+def log_repeated_errors_once():
+    """A logger's filter sees only what is logged to that logger, not to its children: so
+    "waitress.queue" too, whose "Task queue depth is 1" came with every request that waited
+    a moment for one of waitress's threads (many a second in a busy room)."""
+    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server"):
+        logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
+
+
+# hug workarounds: reading request bodies, HEAD (skip on a first reading) .................
 
 
 def read_utf8(body):
@@ -1726,487 +2229,6 @@ class AnswerHeadAsGet:
             request.method = "HEAD"  # falcon sends no body then
             body = response.body if response.body is not None else response.data or b""
             response.content_length = len(body.encode() if isinstance(body, str) else body)
-
-
-@hug.exception(RoomUnavailable, api=api)
-def room_unavailable(exception, response):
-    """Redis is away, or the loop did not answer in time: 503, on every route, and when to
-    try again (the same post may be sent again: with its ref it is never stored twice)."""
-    response.status = hug.HTTP_503
-    response.set_header("Retry-After", retry_after_header(exception.retry_after))
-    return {"errors": {"room": str(exception)}}
-
-
-@hug.exception(BadInput, api=api)
-def bad_body(exception, response):
-    """Without this a body hug cannot read is a 500 with a traceback."""
-    response.status = hug.HTTP_400
-    return {"errors": {"body": str(exception)}}
-
-
-# --- Start-up and shutdown ------------------------------------------------------------
-
-
-async def open_room(redis_url, history, loop, ws_port, store=None):
-    """The room in this process, with --store kept in a file too, or with --redis the room
-    in Redis (redis_room.py).
-
-    redis_room is imported only when asked for: the default chat needs neither Redis nor
-    its client.
-    """
-    if redis_url and store:
-        raise RoomUnavailable(
-            "--store and --redis do not go together: with --redis the room is in Redis, "
-            "which keeps it over a restart with its own persistence (appendonly yes)"
-        )
-    if store:
-        return StoredRoom(history, loop, ws_port, store)
-    if not redis_url:
-        return Room(history, loop, ws_port)
-    try:
-        import redis_room
-    except ModuleNotFoundError as missing:
-        raise RoomUnavailable(
-            f"--redis needs {missing.name}: python -m pip install redis"
-        ) from None
-    # What the Redis room builds on is handed over, not imported: see redis_room.py.
-    return await redis_room.open_room(
-        redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
-    )
-
-
-class Servers:
-    """The two running servers, their threads and real ports; stop() ends them all."""
-
-    def __init__(
-        self,
-        host="127.0.0.1",
-        port=8000,
-        ws_port=8765,
-        history=1000,
-        redis_url=None,
-        allowed_hosts=(),
-        public_url=None,
-        key=None,
-        store=None,
-    ):
-        self.http_connections, self.max_clients, self.max_connections = connection_limits(
-            raise_fd_limit()
-        )
-        log_repeated_errors_once()
-        self.loop = asyncio.new_event_loop()
-        self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
-        self.loop_thread.start()
-        try:
-            # Bound now, serving from run(); its port is a string in waitress, and real for 0.
-            self.http_server = self.bind_http(host, port, behind_proxy=bool(public_url))
-            self.port = int(self.http_server.effective_port)
-            global policy
-            policy = Policy(self.port, allowed_hosts, public_url, key)
-            starting = self.start_websockets(host, ws_port, history, redis_url, store)
-            self.ws_server = ask_loop(self.loop, starting, timeout=10)
-            self.room = room  # the module's `room` too, which the handlers use
-            self.ws_port = room.ws_port
-            self.http_thread = threading.Thread(target=self.http_server.run, name="http")
-            self.http_thread.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def bind_http(self, host, port, behind_proxy):
-        app = api.http.server(default_not_found=False)
-        app.req_options.auto_parse_qs_csv = False  # or "?text=a,b" arrives as a list
-        self.socket_map = {}  # waitress's own map of sockets, so stop() can close them all
-        settings = {
-            "map": self.socket_map,
-            "max_request_body_size": MAX_BODY + 1,  # waitress refuses a body of this size
-            # waitress reads requests in its one I/O thread and hands only whole ones to
-            # its worker threads: an idle or trickling connection costs a descriptor and
-            # a few KB, no thread. So allow many (the default, 100, was reached by 98 idle
-            # connections, and then nobody got the page), free the idle ones after 30 s
-            # instead of 120, looking every 5 s instead of every 30.
-            "connection_limit": self.http_connections,
-            "channel_timeout": 30,
-            "cleanup_interval": 5,
-            "backlog": 1024,  # connections the kernel queues while waitress is busy
-            "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
-        }
-        if (
-            behind_proxy
-        ):  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
-            settings.update(
-                trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"}
-            )
-        try:
-            return waitress.create_server(app, host=host, port=port, **settings)
-        except ValueError:  # waitress's "Invalid host/port specified.", with a traceback
-            raise OSError(f"{host} is not an address, nor a name that resolves") from None
-
-    async def start_websockets(self, host, ws_port, history, redis_url, store=None):
-        """Runs in the loop; no client is handled before it returns, so `room` is ready for them."""
-        global room
-        self.handshakes = set()  # see close_websockets()
-        server = await serve(
-            route,
-            host,
-            ws_port,
-            process_request=functools.partial(check_request, max_clients=self.max_clients),
-            open_timeout=OPEN_TIMEOUT,
-            max_size=MAX_FRAME,
-            write_limit=MAX_QUEUED,
-            create_connection=functools.partial(
-                ChatConnection, max_connections=self.max_connections, handshakes=self.handshakes
-            ),
-            ping_interval=PING_INTERVAL,
-            ping_timeout=PING_TIMEOUT,
-            close_timeout=CLOSE_TIMEOUT,
-            compression=None,  # chat messages are small; see docs/performance.md
-        )
-        loop, real_ws_port = asyncio.get_running_loop(), server.sockets[0].getsockname()[1]
-        try:
-            room = await open_room(redis_url, history, loop, real_ws_port, store)
-        except BaseException:
-            server.close()
-            raise
-        return server
-
-    def stop(self):
-        """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client).
-
-        Also after a failed start: each step runs only if its server got that far.
-        """
-        try:
-            if hasattr(self, "http_server"):
-                stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
-            if hasattr(self, "ws_server"):
-                ask_loop(self.loop, close_websockets(self.ws_server, self.handshakes))
-                ask_loop(self.loop, self.room.close())
-        finally:  # whatever failed above, the loop's thread must end, or the process cannot
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.loop_thread.join(5)
-            if not self.loop_thread.is_alive():
-                self.loop.close()
-
-
-# Limits with headroom, and waitress's shutdown (skip on a first reading) ..................
-
-
-def stop_waitress(server, socket_map, thread):
-    """Stop a waitress server that runs in `thread` (None: bound, but never served).
-
-    waitress documents only serve(), which runs until the process ends. To stop it from
-    another thread, its own trigger (a pipe its I/O loop watches) runs close_all() in that
-    loop; a request's wake-up can come first and close the trigger, which is just as good.
-    Then its worker threads finish the requests they have.
-    """
-    close_all = functools.partial(waitress.wasyncore.close_all, socket_map)
-    if thread is None:
-        close_all()
-    else:
-        with contextlib.suppress(OSError):  # the trigger was closed by the time we pulled it
-            server.trigger.pull_trigger(close_all)
-        thread.join(5)
-    server.task_dispatcher.shutdown(timeout=5)
-
-
-async def close_websockets(server, handshakes):
-    """websockets' close() (1001 to every client), without waiting out the handshakes under way.
-
-    close() answers a handshake that is under way with a 503 when its request comes, and
-    waits for it until OPEN_TIMEOUT: one idle TCP connection held a shutdown for 5 s. So they
-    are closed here; a connection that comes after close() is closed by
-    ChatConnection.connection_made() (close() stops accepting only in a task of its own).
-    """
-    server.close()
-    for connection in list(handshakes):
-        connection.transport.abort()
-    await server.wait_closed()
-
-
-def raise_fd_limit():
-    """Raise this process's descriptor limit to the most it may have; return the limit.
-
-    Each connection, websocket or HTTP, holds a descriptor; a shell often starts programs
-    with 1024 while allowing far more. Out of them, accept() fails for both servers.
-    """
-    if resource is None:
-        return 1024  # what connection_limits() should plan for where it cannot ask
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    ceiling = 1024 * 1024 if hard == resource.RLIM_INFINITY else hard  # Linux's fs.nr_open
-    for limit in (ceiling, min(ceiling, 10240)):  # macOS refuses more than OPEN_MAX, 10240
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-            return limit
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
-def connection_limits(fd_limit):
-    """How many connections fit in `fd_limit` descriptors, with headroom: HTTP connections,
-    websocket clients, and websocket connections at all (clients and handshakes under way).
-
-    An HTTP connection may need a second descriptor (waitress spools a response over 1 MB
-    to a temporary file). What is left after HTTP and FD_RESERVED is for websockets, a
-    tenth of it (at least 10) for handshakes beyond the cap, which get their 503.
-    """
-    http_connections = max(10, min(HTTP_CONNECTIONS, fd_limit // 8))
-    websockets = max(2, fd_limit - FD_RESERVED - 2 * http_connections)
-    max_clients = max(1, min(MAX_CLIENTS, websockets * 9 // 10))
-    return http_connections, max_clients, min(websockets, max_clients + max(10, max_clients // 10))
-
-
-class OncePerInterval(logging.Filter):
-    """Lets each log message through once every LOG_EVERY seconds.
-
-    When descriptors run out, accept() fails at once each time it is tried: waitress and
-    asyncio then log a traceback per try, megabytes a second, which helps nobody.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.last_logged = {}
-
-    def filter(self, record):
-        now, key = time.monotonic(), (record.name, record.msg)
-        if now - self.last_logged.get(key, float("-inf")) < LOG_EVERY:
-            return False
-        self.last_logged[key] = now
-        return True
-
-
-ONCE_PER_INTERVAL = OncePerInterval()
-
-
-def log_repeated_errors_once():
-    """A logger's filter sees only what is logged to that logger, not to its children: so
-    "waitress.queue" too, whose "Task queue depth is 1" came with every request that waited
-    a moment for one of waitress's threads (many a second in a busy room)."""
-    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server"):
-        logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
-
-
-# --- main() ---------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    # Set by the first Ctrl+C or SIGTERM, even one that comes during start-up.
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        servers = Servers(
-            args.host,
-            args.port,
-            args.ws_port,
-            args.history,
-            args.redis,
-            args.allow_host,
-            args.public_url,
-            args.key,
-            args.store,
-        )
-    except RoomUnavailable as error:
-        print(f"chat.py: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        where = f"{args.host}, port {args.port} or {args.ws_port}"
-        print(
-            f"chat.py: error: cannot listen on {where}: {error.strerror or error}", file=sys.stderr
-        )
-        return 2
-
-    addresses = reachable_addresses(args.host)
-    with_key = f"?key={args.key}" if args.key else ""  # the link people open: the key goes with it
-    for address in addresses:  # the first two lines are machine-readable: tests and tools read them
-        print(f"Chat page:  http://{url_host(address)}:{servers.port}/{with_key}", flush=True)
-        print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)
-    if args.public_url:
-        print(f"Public:     {args.public_url}/{with_key} (through the proxy)", flush=True)
-    if args.no_key:
-        print(
-            f"No room key (--no-key): anyone who can reach port {servers.port} is in.", flush=True
-        )
-    if not is_loopback(args.host):
-        print_qr_code(f"http://{url_host(addresses[0])}:{servers.port}/{with_key}")
-    if args.open:
-        webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/{with_key}")
-
-    while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
-        pass
-    servers.stop()
-    print("Stopped.", flush=True)
-    return 0
-
-
-def print_qr_code(url):
-    """The first page URL as a QR code, for phones: half blocks, two rows of modules a line.
-
-    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
-    often do not read. A terminal that cannot show the blocks gets no QR code.
-    """
-    with contextlib.suppress(UnicodeEncodeError):
-        segno.make_qr(url).terminal(out=sys.stdout, compact=True)
-    sys.stdout.flush()
-
-
-def reachable_addresses(host):
-    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
-
-    So print this machine's own addresses, loopback last (it works only here): the one its
-    default route leaves from (connecting a UDP socket sends nothing, it only picks the
-    route) and the ones its host name resolves to.
-    """
-    if host not in ("0.0.0.0", "::"):
-        return [host]
-    family, somewhere, loopback = (
-        (socket.AF_INET, "198.51.100.1", "127.0.0.1")
-        if host == "0.0.0.0"
-        else (socket.AF_INET6, "2001:db8::1", "::1")
-    )
-    found = []
-    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
-        found.append(probe.getsockname()[0])
-    with contextlib.suppress(OSError):
-        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
-    lan = [
-        address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback
-    ]
-    return [*dict.fromkeys(lan), loopback]
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="chat.py", usage=argparse.SUPPRESS, description="A real-time chat: hug + websockets."
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port", type=port_number, default=8000, help="HTTP port, 0 for any free one"
-    )
-    parser.add_argument(
-        "--ws-port", type=port_number, default=8765, help="websocket port, 0 for any free one"
-    )
-    parser.add_argument("--history", type=positive, default=1000, help="messages the room keeps")
-    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
-    parser.add_argument(
-        "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
-    )
-    parser.add_argument(
-        "--store", metavar="FILE", help="keep the history in this SQLite file, over restarts"
-    )
-    parser.add_argument(
-        "--allow-host",
-        metavar="NAME",
-        type=host_name_argument,
-        action="append",
-        default=[],
-        help="a host name the chat answers to, besides IP addresses, localhost, *.localhost "
-        "and this machine's name (repeatable)",
-    )
-    parser.add_argument(
-        "--public-url",
-        metavar="URL",
-        type=public_url,
-        help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
-    )
-    parser.add_argument(
-        "--key",
-        type=room_key_argument,
-        help="the room key people need, so a restart keeps the link (default: a new random one "
-        "when --host is not loopback or with --public-url; the same one for every --redis process)",
-    )
-    parser.add_argument(
-        "--no-key",
-        action="store_true",
-        help="no room key even where strangers can reach the chat: anyone who can reach it is in",
-    )
-    args = parser.parse_args(argv)
-    choose_room_key(parser, args)
-    return args
-
-
-def choose_room_key(parser, args):
-    """A key wherever strangers can reach the chat: a --host that is not loopback, --public-url.
-
-    Several processes of one room (--redis) must accept one key: each would make its own, so
-    they are given the same --key (the docs say so).
-    """
-    exposed = args.public_url or not is_loopback(args.host)
-    if args.key and args.no_key:
-        parser.error("--key and --no-key: choose one")
-    if args.no_key or args.key or not exposed:
-        args.no_key = args.no_key and exposed  # --no-key on loopback changes nothing
-        return
-    if args.redis:
-        parser.error(
-            "--redis where strangers can reach the chat: give every process the same --key KEY "
-            "(make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
-        )
-    args.key = secrets.token_urlsafe(16)
-
-
-def is_loopback(host):
-    """Whether only this machine can reach an address to bind: 127.0.0.1, ::1, localhost."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower().rstrip(".") == "localhost"
-
-
-def room_key_argument(value):
-    if not re.fullmatch(r"[A-Za-z0-9_-]{16,200}", value):
-        raise argparse.ArgumentTypeError(
-            "a room key is 16 or more letters, digits, - or _ (make one: "
-            "python -c 'import secrets; print(secrets.token_urlsafe())')"
-        )
-    return value
-
-
-def host_name_argument(value):
-    try:
-        name = host_name(value)
-    except ValueError:
-        name = None
-    if not name or name != value.lower().rstrip(".") or "/" in value:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a host name such as chat.lan (no scheme, no port)"
-        )
-    return name
-
-
-def public_url(value):
-    """http(s)://host[:port] and no path: the page's origin, where it finds /config and /ws."""
-    if origin_parts(value):  # None when it is no URL at all, or its port is not a number
-        url = urllib.parse.urlsplit(value)
-        just_an_origin = url.path in ("", "/") and not url.query and not url.fragment
-        if (
-            url.scheme in ("http", "https")
-            and url.hostname
-            and "@" not in url.netloc
-            and just_an_origin
-        ):
-            return f"{url.scheme}://{url.netloc.lower()}"
-    raise argparse.ArgumentTypeError(
-        f"{value!r} is not a URL such as https://chat.example.org (no path)"
-    )
-
-
-def port_number(value):
-    port = whole_number(value, 0, 65535)
-    if port is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
-    return port
-
-
-def positive(value):
-    count = whole_number(value, 1, 999_999_999)
-    if count is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
-    return count
 
 
 if __name__ == "__main__":
