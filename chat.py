@@ -1239,10 +1239,19 @@ def choose_room_key(parser, args):
         return
     if args.redis:
         parser.error(
-            "--redis where strangers can reach the chat: give every process the same --key KEY "
+            "--redis where strangers can reach the chat: give every process the same --key=KEY "
             "(make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
         )
-    args.key = secrets.token_urlsafe(16)
+    args.key = new_room_key()
+
+
+def new_room_key():
+    """128 random bits, in the letters a URL keeps as they are. Never one that begins with "-",
+    which `--key KEY` would read as another option when the key is given back after a restart."""
+    key = secrets.token_urlsafe(16)
+    while key.startswith("-"):
+        key = secrets.token_urlsafe(16)
+    return key
 
 
 def is_loopback(host):

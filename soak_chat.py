@@ -39,6 +39,7 @@ from websockets.exceptions import WebSocketException
 CHAT_PY = Path(__file__).resolve().with_name("chat.py")
 HISTORY = 1_000_000  # the room keeps everything of the run: every ref stays known
 # One room key for both processes, as docs/online.md gives them; clients send it as Bearer.
+# (--key=KEY, not --key KEY: a random key may begin with "-".)
 KEY = secrets.token_urlsafe(16)
 AUTHORIZATION = {"Authorization": f"Bearer {KEY}"}
 
@@ -132,7 +133,7 @@ def listens(port):
 def chat_part(number, redis_url, public_url, log):
     port, ws_port = free_port(), free_port()
     command = [sys.executable, str(CHAT_PY), "--port", str(port), "--ws-port", str(ws_port)]
-    command += ["--redis", redis_url, "--history", str(HISTORY), "--key", KEY]
+    command += ["--redis", redis_url, "--history", str(HISTORY), f"--key={KEY}"]
     if public_url:
         command += ["--public-url", public_url]
     part = Part(f"chat.py {number}", command, lambda: answers(port) is not None, log)

@@ -397,7 +397,10 @@ BAD_POSTS = [
 
 
 @pytest.mark.parametrize("body, field, rule", BAD_POSTS)
-def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule):
+def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule, monkeypatch):
+    # hug.test calls the routes with no server: the policy is the default one (no room key),
+    # not whatever an earlier test's Servers left in the module
+    monkeypatch.setattr(chat, "policy", chat.Policy())
     # hug.test's own host is falconframework.org
     headers = {"content-type": "application/json", "host": "127.0.0.1"}
     response = hug.test.post(chat, "/messages", json.dumps(body), headers=headers)
@@ -3635,7 +3638,7 @@ def test_no_key_says_that_anyone_who_can_reach_the_port_is_in(chat_process):
         (["--key", ROOM_KEY, "--no-key"], "--key and --no-key: choose one"),
         (
             ["--public-url", PUBLIC, "--redis", "redis://127.0.0.1:1/0"],
-            "--redis where strangers can reach the chat: give every process the same --key KEY",
+            "--redis where strangers can reach the chat: give every process the same --key=KEY",
         ),
     ],
 )
@@ -3644,6 +3647,14 @@ def test_a_bad_key_flag_is_one_line_and_exit_2(chat_process, args, error):
     assert process.process.wait(15) == 2
     printed = process.process.stderr.read()
     assert printed.count("\n") == 1 and printed.startswith(f"chat.py: error: {error}")
+
+
+def test_a_key_the_chat_makes_can_be_given_back_with_key_to_keep_the_link(monkeypatch):
+    """A random key may begin with "-", and then `--key KEY` reads it as another option."""
+    keys = iter(["-begins-with-a-dash-0", "a-room-key-with-no-dash"])
+    monkeypatch.setattr(chat.secrets, "token_urlsafe", lambda _: next(keys))
+    made = chat.parse_args(["--host", "0.0.0.0"]).key
+    assert chat.parse_args(["--host", "0.0.0.0", "--key", made]).key == made
 
 
 # --- A transient failure is not a refusal; faults behind the real nginx (issue 20) -------
@@ -3930,7 +3941,7 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     environment = {
         **environment_file(DEPLOY / "chat" / "chat.env"),
         **environment_file(DEPLOY / "chat" / f"{instance}.env"),
-        "CHAT_ARGS": f"--key {ROOM_KEY}",  # as docs/online.md has it put there
+        "CHAT_ARGS": f"--key={ROOM_KEY}",  # as docs/online.md has it put there
     }
     python, script, *arguments = unit_command_line(environment)
     assert (python, script) == ("/opt/chat/venv/bin/python", "/opt/chat/chat.py")
@@ -3940,7 +3951,7 @@ def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_use
     assert f"server 127.0.0.1:{args.ws_port} " in nginx
     assert args.redis == "redis://127.0.0.1:6379/0" and args.public_url == PUBLIC
     assert args.key == ROOM_KEY
-    more = {**environment, "CHAT_ARGS": f"--history 5000 --key {ROOM_KEY}"}
+    more = {**environment, "CHAT_ARGS": f"--history 5000 --key={ROOM_KEY}"}
     assert chat.parse_args(unit_command_line(more)[2:]).history == 5000
 
 
