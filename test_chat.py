@@ -5173,6 +5173,39 @@ def test_browser_load_older_messages_leaves_the_focus_in_the_conversation(server
     expect(page.locator("#log")).to_be_focused()
 
 
+# --- Found by the review (page) ----------------------------------------------------------
+# Where the merged branches meet in chat.html: the room key's locked-out page and the offline
+# banner and reload keeping (#19, #23), the grow fallback and a restored draft (#21, #23), ...
+
+
+def test_browser_locked_out_the_banner_says_to_open_the_new_link_and_then_what_waits_goes(
+    chat_process, open_page
+):
+    """The banner said "trying again, what you send goes when the chat is back": it never
+    tries again. Opening the new link in the same tab brings the waiting message and the draft."""
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports, "--key", ROOM_KEY)
+    first.urls()
+    page = open_page(url=f"http://127.0.0.1:{first.port}/?key={ROOM_KEY}", name="alice")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+    say(page, "typed while it was away")
+    page.fill("#message-input", "half a thought")
+    second = chat_process(*ports, "--key", ROOM_KEY[::-1])
+    second.urls()
+    expect(page.locator("#status")).to_have_text("locked out: open the link the chat printed")
+    banner = page.locator("#offline")
+    expect(banner).to_contain_text("Locked out")
+    expect(banner).not_to_contain_text("trying again")
+    page.goto(f"http://127.0.0.1:{second.port}/?key={ROOM_KEY[::-1]}")
+    expect(page.locator("#status")).to_have_text("online")
+    expect(texts(page)).to_have_text(["typed while it was away"])
+    expect(page.locator("#message-input")).to_have_value("half a thought")
+    expect(banner).to_be_hidden()
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
