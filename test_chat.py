@@ -5206,6 +5206,22 @@ def test_browser_locked_out_the_banner_says_to_open_the_new_link_and_then_what_w
     expect(banner).to_be_hidden()
 
 
+def test_every_engine_a_draft_kept_over_a_reload_shows_whole_in_the_message_box(server, open_tab):
+    """Where the engine lacks `field-sizing` (the page grows the box itself), the restored
+    draft sat in a one-line box: its other lines were hidden until the next key."""
+    tab = open_tab(server.port, "alice", viewport=(375, 667))
+    empty = tab.evaluate(MESSAGE_BOX)
+    type_into(tab, "one")
+    for line in ["two", "three"]:
+        tab.press("Shift+Enter")
+        tab.type(line)
+    tab.goto(f"http://127.0.0.1:{server.port}/")
+    tab.wait_for(ONLINE, what="the status 'online'")
+    shows(tab, "() => document.getElementById('message-input').value", "one\ntwo\nthree")
+    restored = tab.evaluate(MESSAGE_BOX)
+    assert restored["height"] > empty["height"] and not restored["cut"]
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
