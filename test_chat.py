@@ -5222,6 +5222,18 @@ def test_every_engine_a_draft_kept_over_a_reload_shows_whole_in_the_message_box(
     assert restored["height"] > empty["height"] and not restored["cut"]
 
 
+def test_browser_right_to_left_text_and_names_read_right_while_typed_too(server, open_page):
+    """The message shows "مرحبا!" with the "!" at its left end (dir="auto"); the box it was
+    typed in put it at the right end, and the name box did the same with an Arabic name."""
+    page = open_page(server.port, "alice")
+    page.fill("#message-input", "مرحبا!")
+    page.fill("#name-input", "سارة")
+    for box in ["#message-input", "#name-input"]:
+        assert page.locator(box).evaluate("box => box.matches(':dir(rtl)')"), box
+    page.fill("#message-input", "hello")
+    assert page.locator("#message-input").evaluate("box => box.matches(':dir(ltr)')")
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
