@@ -5234,6 +5234,28 @@ def test_browser_right_to_left_text_and_names_read_right_while_typed_too(server,
     assert page.locator("#message-input").evaluate("box => box.matches(':dir(ltr)')")
 
 
+def test_browser_a_reconnect_while_a_new_name_is_being_typed_keeps_both_names_apart(
+    server, open_page
+):
+    """The page reconnected under whatever was in the name box (the room heard "ali joined"
+    from a half-typed name) and then wrote the room's answer over what was being typed."""
+    from playwright.sync_api import expect
+
+    alice = open_page(server.port, "alice")
+    bob = open_page(server.port, "bob")
+    alice.press("#name-input", "End")
+    alice.keyboard.type("-typing")  # not taken yet: no Enter
+    alice.context.set_offline(True)
+    expect(alice.locator("#offline")).to_be_visible()
+    alice.context.set_offline(False)
+    expect(alice.locator("#status")).to_have_text("online")
+    expect(alice.locator("#name-input")).to_be_focused()
+    expect(alice.locator("#name-input")).to_have_value("alice-typing")
+    expect(bob.locator("#online li")).to_have_text(["alice", "bob (you)"])
+    alice.press("#name-input", "Enter")
+    expect(bob.locator("#online li")).to_have_text(["alice-typing", "bob (you)"])
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
