@@ -3763,9 +3763,9 @@ def test_browser_what_is_typed_while_redis_is_away_goes_when_it_is_back_without_
     redis_server.stop()
     for n in range(3):
         say(page, f"away {n}")
-    waiting = page.locator("#outbox .message.waiting")
+    waiting = page.locator("#outbox .message")
     expect(waiting).to_have_count(3)
-    expect(waiting.first).to_contain_text("Not sent yet: it goes as soon as the chat is back")
+    expect(waiting.first).to_contain_text("Not sent yet: the chat asked to wait a moment")
     redis_server.start()
     expect(texts(page)).to_have_text(["away 0", "away 1", "away 2"], timeout=20_000)
     expect(page.locator("#outbox .message")).to_have_count(0)
@@ -5254,6 +5254,30 @@ def test_browser_a_reconnect_while_a_new_name_is_being_typed_keeps_both_names_ap
     expect(bob.locator("#online li")).to_have_text(["alice", "bob (you)"])
     alice.press("#name-input", "Enter")
     expect(bob.locator("#online li")).to_have_text(["alice-typing", "bob (you)"])
+
+
+def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_chat_is_back(
+    server, open_page, monkeypatch
+):
+    """Past the burst, with the status "online" and no banner, every message waiting said
+    "it goes as soon as the chat is back"."""
+    from playwright.sync_api import expect
+
+    monkeypatch.setattr(chat, "BURST", 3)  # most of the 30 wait for the limit
+    page = open_page(server.port, "alice")
+    page.evaluate("""() => {
+        const form = document.getElementById("chat-form");
+        for (let n = 0; n < 30; n++) {
+            document.getElementById("message-input").value = "burst " + n;
+            form.requestSubmit();
+        }
+    }""")
+    expect(page.locator("#outbox .message.later .state")).to_have_text(
+        "Not sent yet: the chat asked to wait a moment; it goes again by itself."
+    )
+    expect(page.locator("#outbox")).not_to_contain_text("when the chat is back")
+    expect(page.locator("#outbox")).not_to_contain_text("as soon as the chat is back")
+    expect(texts(page)).to_have_text([f"burst {n}" for n in range(30)], timeout=20_000)
 
 
 # --- The workshop walkthrough, run as the README writes it -----------------------------
