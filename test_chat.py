@@ -3774,9 +3774,9 @@ def test_browser_what_is_typed_while_redis_is_away_goes_when_it_is_back_without_
     redis_server.stop()
     for n in range(3):
         say(page, f"away {n}")
-    waiting = page.locator("#outbox .message.waiting")
+    waiting = page.locator("#outbox .message")
     expect(waiting).to_have_count(3)
-    expect(waiting.first).to_contain_text("Not sent yet: it goes as soon as the chat is back")
+    expect(waiting.first).to_contain_text("Not sent yet: the chat asked to wait a moment")
     redis_server.start()
     expect(texts(page)).to_have_text(["away 0", "away 1", "away 2"], timeout=20_000)
     expect(page.locator("#outbox .message")).to_have_count(0)
@@ -5182,6 +5182,113 @@ def test_browser_load_older_messages_leaves_the_focus_in_the_conversation(server
     expect(texts(page)).to_have_count(120)
     expect(older).to_be_hidden()
     expect(page.locator("#log")).to_be_focused()
+
+
+# --- Found by the review (page) ----------------------------------------------------------
+# Where the merged branches meet in chat.html: the room key's locked-out page and the offline
+# banner and reload keeping (#19, #23), the grow fallback and a restored draft (#21, #23), ...
+
+
+def test_browser_locked_out_the_banner_says_to_open_the_new_link_and_then_what_waits_goes(
+    chat_process, open_page
+):
+    """The banner said "trying again, what you send goes when the chat is back": it never
+    tries again. Opening the new link in the same tab brings the waiting message and the draft."""
+    from playwright.sync_api import expect
+
+    ports = ["--port", str(free_port()), "--ws-port", str(free_port())]
+    first = chat_process(*ports, "--key", ROOM_KEY)
+    first.urls()
+    page = open_page(url=f"http://127.0.0.1:{first.port}/?key={ROOM_KEY}", name="alice")
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(5) == 0
+    say(page, "typed while it was away")
+    page.fill("#message-input", "half a thought")
+    second = chat_process(*ports, "--key", ROOM_KEY[::-1])
+    second.urls()
+    expect(page.locator("#status")).to_have_text("locked out: open the link the chat printed")
+    banner = page.locator("#offline")
+    expect(banner).to_contain_text("Locked out")
+    expect(banner).not_to_contain_text("trying again")
+    page.goto(f"http://127.0.0.1:{second.port}/?key={ROOM_KEY[::-1]}")
+    expect(page.locator("#status")).to_have_text("online")
+    expect(texts(page)).to_have_text(["typed while it was away"])
+    expect(page.locator("#message-input")).to_have_value("half a thought")
+    expect(banner).to_be_hidden()
+
+
+def test_every_engine_a_draft_kept_over_a_reload_shows_whole_in_the_message_box(server, open_tab):
+    """Where the engine lacks `field-sizing` (the page grows the box itself), the restored
+    draft sat in a one-line box: its other lines were hidden until the next key."""
+    tab = open_tab(server.port, "alice", viewport=(375, 667))
+    empty = tab.evaluate(MESSAGE_BOX)
+    type_into(tab, "one")
+    for line in ["two", "three"]:
+        tab.press("Shift+Enter")
+        tab.type(line)
+    tab.goto(f"http://127.0.0.1:{server.port}/")
+    tab.wait_for(ONLINE, what="the status 'online'")
+    shows(tab, "() => document.getElementById('message-input').value", "one\ntwo\nthree")
+    restored = tab.evaluate(MESSAGE_BOX)
+    assert restored["height"] > empty["height"] and not restored["cut"]
+
+
+def test_browser_right_to_left_text_and_names_read_right_while_typed_too(server, open_page):
+    """The message shows "مرحبا!" with the "!" at its left end (dir="auto"); the box it was
+    typed in put it at the right end, and the name box did the same with an Arabic name."""
+    page = open_page(server.port, "alice")
+    page.fill("#message-input", "مرحبا!")
+    page.fill("#name-input", "سارة")
+    for box in ["#message-input", "#name-input"]:
+        assert page.locator(box).evaluate("box => box.matches(':dir(rtl)')"), box
+    page.fill("#message-input", "hello")
+    assert page.locator("#message-input").evaluate("box => box.matches(':dir(ltr)')")
+
+
+def test_browser_a_reconnect_while_a_new_name_is_being_typed_keeps_both_names_apart(
+    server, open_page
+):
+    """The page reconnected under whatever was in the name box (the room heard "ali joined"
+    from a half-typed name) and then wrote the room's answer over what was being typed."""
+    from playwright.sync_api import expect
+
+    alice = open_page(server.port, "alice")
+    bob = open_page(server.port, "bob")
+    alice.press("#name-input", "End")
+    alice.keyboard.type("-typing")  # not taken yet: no Enter
+    alice.context.set_offline(True)
+    expect(alice.locator("#offline")).to_be_visible()
+    alice.context.set_offline(False)
+    expect(alice.locator("#status")).to_have_text("online")
+    expect(alice.locator("#name-input")).to_be_focused()
+    expect(alice.locator("#name-input")).to_have_value("alice-typing")
+    expect(bob.locator("#online li")).to_have_text(["alice", "bob (you)"])
+    alice.press("#name-input", "Enter")
+    expect(bob.locator("#online li")).to_have_text(["alice-typing", "bob (you)"])
+
+
+def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_chat_is_back(
+    server, open_page, monkeypatch
+):
+    """Past the burst, with the status "online" and no banner, every message waiting said
+    "it goes as soon as the chat is back"."""
+    from playwright.sync_api import expect
+
+    monkeypatch.setattr(chat, "BURST", 3)  # most of the 30 wait for the limit
+    page = open_page(server.port, "alice")
+    page.evaluate("""() => {
+        const form = document.getElementById("chat-form");
+        for (let n = 0; n < 30; n++) {
+            document.getElementById("message-input").value = "burst " + n;
+            form.requestSubmit();
+        }
+    }""")
+    expect(page.locator("#outbox .message.later .state")).to_have_text(
+        "Not sent yet: the chat asked to wait a moment; it goes again by itself."
+    )
+    expect(page.locator("#outbox")).not_to_contain_text("when the chat is back")
+    expect(page.locator("#outbox")).not_to_contain_text("as soon as the chat is back")
+    expect(texts(page)).to_have_text([f"burst {n}" for n in range(30)], timeout=20_000)
 
 
 # --- The workshop walkthrough, run as the README writes it -----------------------------
