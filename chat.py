@@ -1665,15 +1665,18 @@ def presented_keys(query, authorizations, cookies):
     cookie (a browser's websocket cannot send headers, but it sends the host's cookies), and
     Authorization: Bearer KEY (scripts: not in URLs, so not in logs or history)."""
     keys = urllib.parse.parse_qs(query).get("key", [])
-    for authorization in authorizations:
-        scheme, _, credentials = authorization.partition(" ")
+    # A header sent twice comes joined with ", " over HTTP (waitress) and as two on the
+    # handshake: no key, no Bearer credential and no cookie holds a comma, so each part counts.
+    for authorization in ",".join(authorizations).split(","):
+        scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer":
             keys.append(credentials.strip())
-    jar = http.cookies.SimpleCookie()
-    with contextlib.suppress(http.cookies.CookieError):  # a malformed cookie brings no key
-        jar.load("; ".join(cookies))
-    if policy.cookie_name() in jar:
-        keys.append(jar[policy.cookie_name()].value)
+    # Read by hand: http.cookies stops at the first cookie it cannot read (a space or a quote
+    # in its value, no "="), and other pages on this host (any port) set cookies too.
+    for cookie in re.split("[;,]", ";".join(cookies)):
+        name, _, value = cookie.partition("=")
+        if name.strip() == policy.cookie_name():
+            keys.append(value.strip().strip('"'))
     return keys
 
 

@@ -5173,6 +5173,34 @@ def test_browser_load_older_messages_leaves_the_focus_in_the_conversation(server
     expect(page.locator("#log")).to_be_focused()
 
 
+# --- Found by the review (server) -----------------------------------------------------
+# Where the merged features meet: the room key beside other cookies and headers sent twice,
+# start-up flags, and retry_after on every failure that passes.
+
+
+@pytest.mark.parametrize("other", ["theme=dark mode", 'prefs={"a":1}', "flag", 'q="open'])
+def test_another_cookie_of_the_host_does_not_hide_the_room_key(keyed_server, other):
+    # Cookies are per host, not per port: other pages on localhost or the LAN address set
+    # theirs, and http.cookies stopped reading at the first one it could not parse.
+    cookie = {"Cookie": f"{other}; {chat.policy.cookie_name()}={ROOM_KEY}"}
+    assert request(keyed_server.port, "GET", "/config", headers=cookie).status == 200
+    with connect(ws_url(keyed_server), open_timeout=5, additional_headers=cookie) as ws:
+        assert receive(ws, "history")["type"] == "history"
+
+
+def test_a_bearer_key_in_an_authorization_sent_twice_gets_in_over_http_as_on_the_handshake(
+    keyed_server,
+):
+    # waitress joins a header sent twice with ", "; the handshake keeps both
+    headers = [
+        ("Host", "127.0.0.1"),
+        ("Authorization", "Bearer not-the-key-0123456789"),
+        ("Authorization", f"Bearer {ROOM_KEY}"),
+    ]
+    assert raw_handshake(keyed_server.ws_port, headers)[0] == 101
+    assert raw_request(keyed_server.port, "GET", "/config", headers)[0] == 200
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
