@@ -428,7 +428,10 @@ async def chat(connection):
             except (BadInput, RoomUnavailable) as error:
                 if data.get("type") == "name":  # the page puts its name box back to the room's
                     await send_error(
-                        connection, f"rename refused: {error}", name=room.clients[connection]
+                        connection,
+                        f"rename refused: {error}",
+                        retry_after=error.retry_after,  # too fast: the same rename may go later
+                        name=room.clients[connection],
                     )
                 else:
                     await send_error(connection, str(error), data.get("ref"), error.retry_after)
@@ -1845,9 +1848,11 @@ def check_request(connection, request, max_clients):
         refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
         return refused
     if is_full(connection.server, max_clients):
-        return connection.respond(
+        refused = connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
         )
+        refused.headers["Retry-After"] = str(RETRY_AFTER)  # a place may be free by then
+        return refused
     address = voice_of(client_address(connection))
     reason = address_refusal(address)
     if reason:

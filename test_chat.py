@@ -5201,6 +5201,31 @@ def test_a_bearer_key_in_an_authorization_sent_twice_gets_in_over_http_as_on_the
     assert raw_request(keyed_server.port, "GET", "/config", headers)[0] == 200
 
 
+def test_a_rename_refused_for_going_too_fast_says_retry_after_and_a_bad_name_does_not(server):
+    with joined(server, name="n0") as (ws, _):
+        rename(ws, "\u202eevil")
+        bad = receive(ws, "error")
+        for n in range(1, 41):  # twice the burst, at once
+            rename(ws, f"n{n}")
+        too_fast = receive(ws, "error")
+    assert "retry_after" not in bad
+    assert too_fast["error"].startswith("rename refused: too many")
+    assert 0 < too_fast["retry_after"] <= 1 / PER_SECOND
+
+
+def test_a_full_room_says_retry_after_on_the_handshake(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CLIENTS", 1)
+    with (
+        running_servers() as servers,
+        joined(servers),
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        connect(ws_url(servers), open_timeout=5),
+    ):
+        pass
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "1"
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
