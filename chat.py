@@ -1044,6 +1044,12 @@ async def open_room(redis_url, history, loop, ws_port, store=None):
         raise RoomUnavailable(
             f"--redis needs {missing.name}: python -m pip install redis"
         ) from None
+    from redis.connection import parse_url  # redis-py's reading of a URL, as from_url() reads it
+
+    try:
+        parse_url(redis_url)  # "foo", a port of 99999: a ValueError, and a traceback at start
+    except ValueError as error:
+        raise RoomUnavailable(f"--redis {redis_url} is not a Redis URL: {error}") from None
     # What the Redis room builds on is handed over, not imported: see redis_room.py.
     return await redis_room.open_room(
         redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
@@ -1195,7 +1201,10 @@ def parse_args(argv):
         "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
     )
     parser.add_argument(
-        "--store", metavar="FILE", help="keep the history in this SQLite file, over restarts"
+        "--store",
+        metavar="FILE",
+        type=file_name,
+        help="keep the history in this SQLite file, over restarts",
     )
     parser.add_argument(
         "--allow-host",
@@ -1299,6 +1308,13 @@ def port_number(value):
     if port is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
     return port
+
+
+def file_name(value):
+    """Not empty: --store "" (an unset variable in a unit file) kept nothing, without a word."""
+    if not value:
+        raise argparse.ArgumentTypeError("give a file name, such as chat.db")
+    return value
 
 
 def positive(value):

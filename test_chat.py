@@ -5201,6 +5201,22 @@ def test_a_bearer_key_in_an_authorization_sent_twice_gets_in_over_http_as_on_the
     assert raw_request(keyed_server.port, "GET", "/config", headers)[0] == 200
 
 
+@pytest.mark.parametrize("url", ["localhost:6379", "redis://[::1", "redis://127.0.0.1:99999/0"])
+def test_a_redis_url_that_is_no_redis_url_is_one_line_and_exit_2(chat_process, url):
+    pytest.importorskip("redis")
+    process = chat_process("--port", "0", "--ws-port", "0", "--redis", url)
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and "is not a Redis URL" in error and "Traceback" not in error
+
+
+def test_an_empty_store_file_name_is_one_line_and_exit_2(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", "--store", "")
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and error.startswith("chat.py: error: argument --store")
+
+
 def test_a_rename_refused_for_going_too_fast_says_retry_after_and_a_bad_name_does_not(server):
     with joined(server, name="n0") as (ws, _):
         rename(ws, "\u202eevil")
