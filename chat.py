@@ -825,8 +825,9 @@ def retry_after_header(seconds):
 @hug.get("/health", api=api)
 def health(response):
     answer = ask_room(room.health())
-    if answer["status"] != "ok":
+    if answer["status"] != "ok":  # with --redis, Redis away: it passes, as every other 503 does
         response.status = hug.HTTP_503
+        response.set_header("Retry-After", retry_after_header(RETRY_AFTER))
     return answer
 
 

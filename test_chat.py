@@ -5242,6 +5242,15 @@ def test_a_full_room_says_retry_after_on_the_handshake(monkeypatch):
     assert refused.value.response.headers["Retry-After"] == "1"
 
 
+def test_a_degraded_health_says_retry_after_as_every_other_503(server, monkeypatch):
+    async def degraded():  # what the Redis room answers while Redis is away
+        return {"status": "degraded", "clients": 0, "messages": 0, "last_id": 0}
+
+    monkeypatch.setattr(server.room, "health", degraded)
+    answer = request(server.port, "GET", "/health")
+    assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
