@@ -5251,6 +5251,23 @@ def test_a_degraded_health_says_retry_after_as_every_other_503(server, monkeypat
     assert answer.status == 503 and answer.headers["Retry-After"] == "1"
 
 
+def test_stop_does_not_wait_for_a_client_that_stopped_reading_its_history():
+    threads_before = set(threading.enumerate())
+    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    stopped = False
+    try:
+        seed_big(2000)
+        with stalled_resume(servers):  # its close frame would wait behind a piece it never reads
+            began = time.monotonic()
+            servers.stop()  # gave up at 6 s with RoomUnavailable; SIGTERM then hung with --store
+            stopped = True
+            assert time.monotonic() - began < 5
+    finally:
+        if not stopped:
+            servers.stop()
+    assert not threads_started_since(threads_before), "a server thread outlived stop()"
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
