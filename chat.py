@@ -428,7 +428,10 @@ async def chat(connection):
             except (BadInput, RoomUnavailable) as error:
                 if data.get("type") == "name":  # the page puts its name box back to the room's
                     await send_error(
-                        connection, f"rename refused: {error}", name=room.clients[connection]
+                        connection,
+                        f"rename refused: {error}",
+                        retry_after=error.retry_after,  # too fast: the same rename may go later
+                        name=room.clients[connection],
                     )
                 else:
                     await send_error(connection, str(error), data.get("ref"), error.retry_after)
@@ -822,8 +825,9 @@ def retry_after_header(seconds):
 @hug.get("/health", api=api)
 def health(response):
     answer = ask_room(room.health())
-    if answer["status"] != "ok":
+    if answer["status"] != "ok":  # with --redis, Redis away: it passes, as every other 503 does
         response.status = hug.HTTP_503
+        response.set_header("Retry-After", retry_after_header(RETRY_AFTER))
     return answer
 
 
@@ -1010,8 +1014,10 @@ class Servers:
             if hasattr(self, "http_server"):
                 stop_waitress(self.http_server, self.socket_map, getattr(self, "http_thread", None))
             if hasattr(self, "ws_server"):
-                ask_loop(self.loop, close_websockets(self.ws_server, self.handshakes))
-                ask_loop(self.loop, self.room.close())
+                try:
+                    ask_loop(self.loop, close_websockets(self.ws_server, self.handshakes))
+                finally:  # the room's own threads and connections (--store, --redis) end too
+                    ask_loop(self.loop, self.room.close())
         finally:  # whatever failed above, the loop's thread must end, or the process cannot
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.loop_thread.join(5)
@@ -1041,6 +1047,12 @@ async def open_room(redis_url, history, loop, ws_port, store=None):
         raise RoomUnavailable(
             f"--redis needs {missing.name}: python -m pip install redis"
         ) from None
+    from redis.connection import parse_url  # redis-py's reading of a URL, as from_url() reads it
+
+    try:
+        parse_url(redis_url)  # "foo", a port of 99999: a ValueError, and a traceback at start
+    except ValueError as error:
+        raise RoomUnavailable(f"--redis {redis_url} is not a Redis URL: {error}") from None
     # What the Redis room builds on is handed over, not imported: see redis_room.py.
     return await redis_room.open_room(
         redis_url, history, loop, ws_port, base=Room, unavailable=RoomUnavailable, utc_now=utc_now
@@ -1076,7 +1088,16 @@ async def close_websockets(server, handshakes):
     server.close()
     for connection in list(handshakes):
         connection.transport.abort()
-    await server.wait_closed()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):  # what each closing handshake may take
+            await server.wait_closed()
+    except TimeoutError:
+        # A client catching up that stopped reading: its close frame waits behind a history
+        # piece it never takes (see ChatConnection.catching_up()), and close() with it. Such
+        # a client held a shutdown for the ping timeout, 20 s, and stop() gave up at 6.
+        for connection in list(server.all_connections):
+            connection.transport.abort()
+        await server.wait_closed()
 
 
 # --- main() ------------------------------------------------------------------------------
@@ -1192,7 +1213,10 @@ def parse_args(argv):
         "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
     )
     parser.add_argument(
-        "--store", metavar="FILE", help="keep the history in this SQLite file, over restarts"
+        "--store",
+        metavar="FILE",
+        type=file_name,
+        help="keep the history in this SQLite file, over restarts",
     )
     parser.add_argument(
         "--allow-host",
@@ -1305,6 +1329,13 @@ def port_number(value):
     if port is None:
         raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
     return port
+
+
+def file_name(value):
+    """Not empty: --store "" (an unset variable in a unit file) kept nothing, without a word."""
+    if not value:
+        raise argparse.ArgumentTypeError("give a file name, such as chat.db")
+    return value
 
 
 def positive(value):
@@ -1674,15 +1705,18 @@ def presented_keys(query, authorizations, cookies):
     cookie (a browser's websocket cannot send headers, but it sends the host's cookies), and
     Authorization: Bearer KEY (scripts: not in URLs, so not in logs or history)."""
     keys = urllib.parse.parse_qs(query).get("key", [])
-    for authorization in authorizations:
-        scheme, _, credentials = authorization.partition(" ")
+    # A header sent twice comes joined with ", " over HTTP (waitress) and as two on the
+    # handshake: no key, no Bearer credential and no cookie holds a comma, so each part counts.
+    for authorization in ",".join(authorizations).split(","):
+        scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer":
             keys.append(credentials.strip())
-    jar = http.cookies.SimpleCookie()
-    with contextlib.suppress(http.cookies.CookieError):  # a malformed cookie brings no key
-        jar.load("; ".join(cookies))
-    if policy.cookie_name() in jar:
-        keys.append(jar[policy.cookie_name()].value)
+    # Read by hand: http.cookies stops at the first cookie it cannot read (a space or a quote
+    # in its value, no "="), and other pages on this host (any port) set cookies too.
+    for cookie in re.split("[;,]", ";".join(cookies)):
+        name, _, value = cookie.partition("=")
+        if name.strip() == policy.cookie_name():
+            keys.append(value.strip().strip('"'))
     return keys
 
 
@@ -1851,9 +1885,11 @@ def check_request(connection, request, max_clients):
         refused.headers["WWW-Authenticate"] = "Bearer"  # what a 401 must say: how to get in
         return refused
     if is_full(connection.server, max_clients):
-        return connection.respond(
+        refused = connection.respond(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "The room is full: try again later\n"
         )
+        refused.headers["Retry-After"] = str(RETRY_AFTER)  # a place may be free by then
+        return refused
     address = voice_of(client_address(connection))
     reason = address_refusal(address)
     if reason:

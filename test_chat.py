@@ -5291,6 +5291,101 @@ def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_ch
     expect(texts(page)).to_have_text([f"burst {n}" for n in range(30)], timeout=20_000)
 
 
+# --- Found by the review (server) -----------------------------------------------------
+# Where the merged features meet: the room key beside other cookies and headers sent twice,
+# start-up flags, and retry_after on every failure that passes.
+
+
+@pytest.mark.parametrize("other", ["theme=dark mode", 'prefs={"a":1}', "flag", 'q="open'])
+def test_another_cookie_of_the_host_does_not_hide_the_room_key(keyed_server, other):
+    # Cookies are per host, not per port: other pages on localhost or the LAN address set
+    # theirs, and http.cookies stopped reading at the first one it could not parse.
+    cookie = {"Cookie": f"{other}; {chat.policy.cookie_name()}={ROOM_KEY}"}
+    assert request(keyed_server.port, "GET", "/config", headers=cookie).status == 200
+    with connect(ws_url(keyed_server), open_timeout=5, additional_headers=cookie) as ws:
+        assert receive(ws, "history")["type"] == "history"
+
+
+def test_a_bearer_key_in_an_authorization_sent_twice_gets_in_over_http_as_on_the_handshake(
+    keyed_server,
+):
+    # waitress joins a header sent twice with ", "; the handshake keeps both
+    headers = [
+        ("Host", "127.0.0.1"),
+        ("Authorization", "Bearer not-the-key-0123456789"),
+        ("Authorization", f"Bearer {ROOM_KEY}"),
+    ]
+    assert raw_handshake(keyed_server.ws_port, headers)[0] == 101
+    assert raw_request(keyed_server.port, "GET", "/config", headers)[0] == 200
+
+
+@pytest.mark.parametrize("url", ["localhost:6379", "redis://[::1", "redis://127.0.0.1:99999/0"])
+def test_a_redis_url_that_is_no_redis_url_is_one_line_and_exit_2(chat_process, url):
+    pytest.importorskip("redis")
+    process = chat_process("--port", "0", "--ws-port", "0", "--redis", url)
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and "is not a Redis URL" in error and "Traceback" not in error
+
+
+def test_an_empty_store_file_name_is_one_line_and_exit_2(chat_process):
+    process = chat_process("--port", "0", "--ws-port", "0", "--store", "")
+    assert process.process.wait(15) == 2
+    error = process.process.stderr.read()
+    assert error.count("\n") == 1 and error.startswith("chat.py: error: argument --store")
+
+
+def test_a_rename_refused_for_going_too_fast_says_retry_after_and_a_bad_name_does_not(server):
+    with joined(server, name="n0") as (ws, _):
+        rename(ws, "\u202eevil")
+        bad = receive(ws, "error")
+        for n in range(1, 41):  # twice the burst, at once
+            rename(ws, f"n{n}")
+        too_fast = receive(ws, "error")
+    assert "retry_after" not in bad
+    assert too_fast["error"].startswith("rename refused: too many")
+    assert 0 < too_fast["retry_after"] <= 1 / PER_SECOND
+
+
+def test_a_full_room_says_retry_after_on_the_handshake(monkeypatch):
+    monkeypatch.setattr(chat, "MAX_CLIENTS", 1)
+    with (
+        running_servers() as servers,
+        joined(servers),
+        pytest.raises(websockets.exceptions.InvalidStatus) as refused,
+        connect(ws_url(servers), open_timeout=5),
+    ):
+        pass
+    assert refused.value.response.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "1"
+
+
+def test_a_degraded_health_says_retry_after_as_every_other_503(server, monkeypatch):
+    async def degraded():  # what the Redis room answers while Redis is away
+        return {"status": "degraded", "clients": 0, "messages": 0, "last_id": 0}
+
+    monkeypatch.setattr(server.room, "health", degraded)
+    answer = request(server.port, "GET", "/health")
+    assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+
+
+def test_stop_does_not_wait_for_a_client_that_stopped_reading_its_history():
+    threads_before = set(threading.enumerate())
+    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    stopped = False
+    try:
+        seed_big(2000)
+        with stalled_resume(servers):  # its close frame would wait behind a piece it never reads
+            began = time.monotonic()
+            servers.stop()  # gave up at 6 s with RoomUnavailable; SIGTERM then hung with --store
+            stopped = True
+            assert time.monotonic() - began < 5
+    finally:
+        if not stopped:
+            servers.stop()
+    assert not threads_started_since(threads_before), "a server thread outlived stop()"
+
+
 # --- The workshop walkthrough, run as the README writes it -----------------------------
 # Every shell command of the README's walkthrough runs as written (real curl, the real
 # `python -m websockets` client fed through its stdin), with the ports swapped for free ones,
