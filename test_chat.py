@@ -4535,11 +4535,16 @@ def open_tab(engine):
 
 def shows(tab, function, expected, *args, timeout=10):
     """Waits until `function(*args)` in the page gives `expected`; fails showing what it gave."""
-    deadline = time.monotonic() + timeout
-    while (value := tab.evaluate(function, *args)) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the page shows {value!r}, not {expected!r}")
-        time.sleep(0.05)
+    shown = []
+
+    def gives_expected():
+        shown[:] = [tab.evaluate(function, *args)]
+        return shown[0] == expected
+
+    try:
+        wait_until(gives_expected, timeout)  # as wait_for_health() waits
+    except AssertionError:
+        raise AssertionError(f"the page shows {shown[0]!r}, not {expected!r}") from None
 
 
 def type_into(tab, text, box="message-input"):
