@@ -5816,6 +5816,7 @@ def test_a_rename_to_a_name_held_at_another_address_is_refused_with_the_name_kep
 def test_a_name_is_free_again_once_its_holder_left(server):
     with joined(server, "127.0.0.1", name="bob"):
         pass
+    wait_for_health(server.port, clients=0)  # the server has seen bob go, not only bob's close
     with joined(server, "127.0.0.2", name="bob") as (_, history):
         assert history["name"] == "bob"
 
