@@ -1635,10 +1635,10 @@ def soak_and_check(servers):
     async def client(n, deadline):
         while asyncio.get_running_loop().time() < deadline:
             since = seen[n][-1] if seen[n] else 0
-            async with async_connect(
-                ws_url(servers, name=f"soak{n}", since=since),
-                max_queue=None,
-                local_addr=(f"127.0.2.{n + 1}", 0),  # 100 people: each an address of its own
+            query = {"name": f"soak{n}", "since": since}
+            # 100 people: each an address of its own
+            async with connect_from(
+                servers, f"127.0.2.{n + 1}", query=query, open_timeout=10
             ) as ws:
                 resumes[0] += 1
                 stay = rng.uniform(0.2, 3)
@@ -1669,8 +1669,8 @@ def soak_and_check(servers):
 
     async def catch_up(n, last_id):
         since = seen[n][-1] if seen[n] else 0
-        url = ws_url(servers, since=since)
-        async with async_connect(url, max_queue=None, local_addr=(f"127.0.2.{n + 1}", 0)) as ws:
+        query = {"since": since}
+        async with connect_from(servers, f"127.0.2.{n + 1}", query=query, open_timeout=10) as ws:
             while not seen[n] or seen[n][-1] < last_id:
                 record(n, json.loads(await asyncio.wait_for(ws.recv(), 10)))
 
@@ -3249,11 +3249,11 @@ def keyed_server():
         yield servers
 
 
-def connect_from(servers, source, path="/", **options):
-    """An asyncio websocket client from address `source`, that reads whatever comes."""
-    return async_connect(
-        ws_url(servers, path), max_queue=None, open_timeout=5, local_addr=(source, 0), **options
-    )
+def connect_from(servers, source, path="/", query=(), **options):
+    """An asyncio websocket client from address `source` (at `path`, with `query`), that reads
+    whatever comes: the asyncio twin of joined()."""
+    options = {"max_queue": None, "open_timeout": 5, **options}
+    return async_connect(ws_url(servers, path, **dict(query)), local_addr=(source, 0), **options)
 
 
 def without_refill(monkeypatch):
