@@ -3698,8 +3698,12 @@ def test_a_refusal_that_sending_again_cannot_cure_has_no_retry_after(server):
 
 def test_a_post_the_busy_loop_cannot_answer_in_time_says_retry_after(server, monkeypatch):
     monkeypatch.setattr(chat, "HTTP_WAIT", 0.2)
-    server.loop.call_soon_threadsafe(time.sleep, 1)
-    response = request(server.port, "POST", "/messages", {"text": "too late", "ref": "late"})
+    busy = threading.Event()
+    server.loop.call_soon_threadsafe(busy.wait, 10)  # busy until the 503 came, however slow
+    try:
+        response = request(server.port, "POST", "/messages", {"text": "too late", "ref": "late"})
+    finally:
+        busy.set()
     assert response.status == 503 and response.headers["Retry-After"] == "1"
     monkeypatch.setattr(chat, "HTTP_WAIT", 5)
     assert post(server.port, "/messages", {"text": "too late", "ref": "late"})[0] == 201
