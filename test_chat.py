@@ -3849,7 +3849,10 @@ def test_behind_nginx_kill_9_of_a_chat_process_and_of_redis_with_two_pages_typin
     # (b) kill -9 of redis-server: what is typed meanwhile waits; then it restarts with its data
     redis_server.process.kill()
     redis_server.process.wait(5)
-    pages[0].wait_for_function("() => document.querySelector('#outbox .message.waiting')")
+    # online, the chat asks the page to wait ("later"); offline a moment, it waits ("waiting")
+    pages[0].wait_for_function(
+        "() => document.querySelector('#outbox .message.later, #outbox .message.waiting')"
+    )
     redis_server.start()
     typed_on(pages)
 
