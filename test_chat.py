@@ -5727,9 +5727,10 @@ def test_step3_with_its_port_in_use_says_so_and_exits():
         )
         try:
             _, errors = step.communicate(timeout=STARTING)
-        finally:
+        except subprocess.TimeoutExpired:  # hung: the loop's thread kept the process alive
             step.kill()
-            step.wait()
+            step.communicate()
+            raise
     assert step.returncode != 0
     assert "address already in use" in errors
 
