@@ -9,16 +9,17 @@ threads; they never change the room themselves: they hand their work to the even
 (ask_room()) and wait for the answer. One owner means one order: every client sees the same
 messages, in the same order, as GET /messages.
 
-Step 3's names come first, in step 3's order: Room, room, chat(), read_frame(), handle_frame(),
-api, ask_room(), get_messages(), post_message(), post_in_room(), config(), page(), Servers,
-main(). What a real room adds sits under a heading of its own, nearest to what it extends:
+Step 3's names come in step 3's order: Room, room, chat(), read_frame(), handle_frame(), api,
+ask_room(), get_messages(), post_message(), post_in_room(), config(), page(), Servers, main().
+What a real room adds sits under a heading of its own, after what it extends, in this order:
 
 - in Room: resuming with since= and room=, a long history in pieces, a repeated ref stored
   once, presence in batches (one change per connection), a name held by one person, one rate
   limit per client address;
 - step 1's echo at /echo (route(), echo()); posting and its errors from a websocket, with
   retry_after for a failure that passes (post_from(), send_error(), read_query());
-- the rules for a text, a name, a ref and since (clean_text() ... Buckets);
+- the rules for a text, a name, a ref and since, their errors, and the rate limit's buckets
+  (BadInput ... Buckets);
 - the seed tutorial's POST /send_message, GET /health, errors as HTTP answers; the page's
   Content-Security-Policy; a loop too busy to answer (ask_loop(), unless_too_late());
 - the room in Redis (open_room(), redis_room.py), a clean stop, the addresses and the QR code
@@ -146,7 +147,7 @@ class Room:
 
     post(), fetch(), health() and close() are `async def` although they await nothing
     here: the Redis room (redis_room.py) has the same methods, and there post(), health()
-    and close() await Redis.
+    and close() await Redis; StoredRoom.post() (--store) awaits its file.
     Callers write `await room.post(...)` and work with either room.
     """
 
@@ -541,10 +542,7 @@ def read_query(connection):
     return name or room.hold_name(connection, room.guest_name()), since, errors
 
 
-# --- The room's rules: what a text, a name, a ref and `since` may be ---------------------
-
-
-# The room's rules: what a text, a name, a ref and `since` may be (skip on a first reading) ...
+# --- The room's rules: what a text, a name, a ref and `since` may be; how fast to post ---
 
 
 class BadInput(ValueError):
@@ -1588,7 +1586,7 @@ def name_key(name):
     return unicodedata.normalize("NFKC", name).casefold().translate({ord(c): None for c in JOINERS})
 
 
-# --- Who may talk to the chat: one policy for HTTP and websockets ------------------------
+# Who may talk to the chat: one policy for HTTP and websockets (skip on a first reading) ...
 
 
 class Policy:
@@ -1615,7 +1613,7 @@ class Policy:
         self.http_port = http_port
         # e.g. https://chat.example.org: the page's origin behind a proxy
         self.public_url = public_url
-        self.key = key  # the room key; None where no stranger can reach the chat (see below)
+        self.key = key  # the room key; None where no stranger reaches it (choose_room_key())
         self.names = {"localhost", socket.gethostname().lower(), *allowed_hosts}
         if public_url:
             self.names.add(host_name(urllib.parse.urlsplit(public_url).netloc))
@@ -1965,9 +1963,9 @@ class ChatConnection(ServerConnection):
     """A websocket connection that is dropped when MAX_QUEUED bytes wait to be sent to it.
 
     broadcast() never waits for a slow client, so its frames pile up in memory. asyncio
-    calls pause_writing() when the write buffer passes its high-water mark (write_limit
-    in serve() below): that client has stopped reading. Dropping it frees the buffer; it
-    can come back with since=.
+    calls pause_writing() when the write buffer passes its high-water mark (write_limit in
+    Servers.start_websockets()): that client has stopped reading. Dropping it frees the
+    buffer; it can come back with since=.
     """
 
     waiting_for_client = False
@@ -2038,6 +2036,9 @@ class ChatConnection(ServerConnection):
         except TimeoutError:
             self.transport.abort()
             raise
+
+
+# read_frame()'s reason for a frame that json.loads() refuses for a limit
 
 
 def json_limit(error):

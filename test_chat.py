@@ -5951,6 +5951,29 @@ def test_step3_posts_over_http_reach_websockets_and_get_messages(step3):
     assert post(step3.port, "/messages", {"name": "curl"})[0] == 400  # no text
 
 
+@pytest.mark.timeout(90)
+def test_step3_with_its_port_in_use_says_so_and_exits():
+    """A learner who left step 2 running gets the error and the prompt back, not a hung step."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        step = subprocess.Popen(
+            [sys.executable, STEPS / "step3_hug.py", "--port", "0"]
+            + ["--ws-port", str(taken.getsockname()[1])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, errors = step.communicate(timeout=STARTING)
+        except subprocess.TimeoutExpired:  # hung: the loop's thread kept the process alive
+            step.kill()
+            step.communicate()
+            raise
+    assert step.returncode != 0
+    assert "address already in use" in errors
+
+
 def test_step3_serves_the_page_and_tells_it_the_websocket_port(step3):
     status, content_type, html = request(step3.port, "GET", "/")
     assert status == 200 and content_type == "text/html; charset=utf-8"

@@ -1,5 +1,4 @@
-"""Step 1: a websockets echo server, nothing else: each frame goes back to its sender.
-Left out: the room (step 2) and HTTP (step 3). chat.py serves this echo() at /echo."""
+"""Step 1: a websockets echo server. Left out: the room (step 2), HTTP (step 3); chat.py: /echo."""
 
 import argparse
 import asyncio

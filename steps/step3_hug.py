@@ -141,7 +141,8 @@ class Servers:
 
     def __init__(self, port=8000, ws_port=8765):
         self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, name="websockets").start()
+        # daemon: if a port is in use, the error ends the process instead of leaving it hung
+        threading.Thread(target=self.loop.run_forever, name="websockets", daemon=True).start()
         starting = self.start_websockets(ws_port)
         self.ws_server = asyncio.run_coroutine_threadsafe(starting, self.loop).result()
         self.ws_port = self.ws_server.sockets[0].getsockname()[1]
