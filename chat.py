@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import operator
+import os
 import queue
 import re
 import secrets
@@ -1234,8 +1235,11 @@ def parse_args(argv):
     parser.add_argument(
         "--key",
         type=room_key_argument,
-        help="the room key people need, so a restart keeps the link (default: a new random one "
-        "when --host is not loopback or with --public-url; the same one for every --redis process)",
+        # CHAT_KEY in the environment: a key on the command line shows in every user's `ps`
+        default=os.environ.get("CHAT_KEY") or None,
+        help="the room key people need, so a restart keeps the link (default: $CHAT_KEY, else a "
+        "new random one when --host is not loopback or with --public-url; the same one for "
+        "every --redis process)",
     )
     parser.add_argument(
         "--no-key",
@@ -1262,7 +1266,7 @@ def choose_room_key(parser, args):
     if args.redis:
         parser.error(
             "--redis where strangers can reach the chat: give every process the same --key=KEY "
-            "(make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
+            "or CHAT_KEY (make one: python -c 'import secrets; print(secrets.token_urlsafe())')"
         )
     args.key = new_room_key()
 

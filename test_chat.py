@@ -3658,6 +3658,17 @@ def test_a_bad_key_flag_is_one_line_and_exit_2(chat_process, args, error):
     assert printed.count("\n") == 1 and printed.startswith(f"chat.py: error: {error}")
 
 
+def test_a_room_key_from_the_environment_is_the_key_and_stays_off_the_command_line(chat_process):
+    process = chat_process(
+        *("--port", "0", "--ws-port", "0"), env={**os.environ, "CHAT_KEY": ROOM_KEY}
+    )
+    process.urls()
+    assert process.key == ROOM_KEY  # in the printed link
+    assert ROOM_KEY not in " ".join(process.process.args)  # what `ps` shows
+    assert request(process.port, "GET", "/messages")[0] == 401
+    assert request(process.port, "GET", f"/messages?key={ROOM_KEY}")[0] == 200
+
+
 def test_a_key_the_chat_makes_can_be_given_back_with_key_to_keep_the_link(monkeypatch):
     """A random key may begin with "-", and then `--key KEY` reads it as another option."""
     keys = iter(["-begins-with-a-dash-0", "a-room-key-with-no-dash"])
@@ -3958,21 +3969,25 @@ def test_systemd_unit_passes_systemd_analyze_verify_and_security(tmp_path):
 
 
 @pytest.mark.parametrize("instance", ["1", "2"])
-def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_uses(instance):
+def test_systemd_unit_command_line_is_one_chat_py_accepts_on_the_ports_nginx_uses(
+    instance, monkeypatch
+):
     environment = {
         **environment_file(DEPLOY / "chat" / "chat.env"),
         **environment_file(DEPLOY / "chat" / f"{instance}.env"),
-        "CHAT_ARGS": f"--key={ROOM_KEY}",  # as docs/online.md has it put there
+        "CHAT_KEY": ROOM_KEY,  # as docs/online.md has it put there
     }
     python, script, *arguments = unit_command_line(environment)
     assert (python, script) == ("/opt/chat/venv/bin/python", "/opt/chat/chat.py")
+    assert ROOM_KEY not in " ".join(arguments)  # in the environment, out of `ps`
+    monkeypatch.setenv("CHAT_KEY", ROOM_KEY)  # as systemd gives it, from the EnvironmentFile
     args = chat.parse_args(arguments)
     nginx = (DEPLOY / "nginx.conf").read_text()
     assert f"server 127.0.0.1:{args.port} " in nginx
     assert f"server 127.0.0.1:{args.ws_port} " in nginx
     assert args.redis == "redis://127.0.0.1:6379/0" and args.public_url == PUBLIC
     assert args.key == ROOM_KEY
-    more = {**environment, "CHAT_ARGS": f"--history 5000 --key={ROOM_KEY}"}
+    more = {**environment, "CHAT_ARGS": "--history 5000"}
     assert chat.parse_args(unit_command_line(more)[2:]).history == 5000
 
 
