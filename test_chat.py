@@ -1,4 +1,11 @@
-"""ROOT"""
+"""The contract (docs/protocol.md), checked against real servers and real clients: HTTP, the
+websocket room, and the bridge between HTTP's threads and the loop that owns the room.
+
+Each test starts the chat in this process on free ports (the `server` fixture, in
+tests/fixtures.py; the helpers it calls are in tests/helpers.py). The rest of the tests, by
+behaviour, are in tests/: the command line, clients that misbehave, the page in real browsers,
+Redis, nginx. `python -m pytest test_chat.py` runs these alone, in seconds.
+"""
 
 import contextlib
 import http.client
@@ -32,6 +39,8 @@ from tests.helpers import (
     ws_url,
 )
 
+# --- HTTP: the page, the messages, the health -------------------------------------------
+
 
 @pytest.mark.parametrize("path", ["/", "/chat"])
 def test_page_is_served_as_utf8_html(server, path):
@@ -55,6 +64,11 @@ def test_config_tells_the_page_the_websocket_port(server):
     status, config = get(server.port, "/config")
     assert status == 200
     assert config["ws_port"] == server.ws_port
+
+
+def test_config_tells_the_page_the_text_and_name_limits(server):
+    _, config = get(server.port, "/config")
+    assert (config["max_text"], config["max_name"]) == (2000, 32)
 
 
 def test_post_answers_201_with_the_stored_message(server):
@@ -86,6 +100,28 @@ def test_get_messages_since_and_limit_oldest_first(server):
     assert [m["id"] for m in body["messages"]] == [1, 2, 3, 4, 5]
 
 
+def test_get_messages_gives_at_most_100_by_default(server):
+    seed(150)
+    _, body = get(server.port, "/messages")
+    assert [m["id"] for m in body["messages"]] == list(range(1, 101))
+
+
+def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
+    for n in range(1, 6):
+        post(small_server.port, "/messages", {"text": f"m{n}"})
+    ids = lambda since: [
+        m["id"] for m in get(small_server.port, f"/messages?since={since}")[1]["messages"]
+    ]
+    assert (ids(0), ids(1), ids(3), ids(4), ids(5), ids(99)) == (
+        [3, 4, 5],
+        [3, 4, 5],
+        [4, 5],
+        [5],
+        [],
+        [],
+    )
+
+
 def test_seed_tutorial_aliases_send_message_and_get_messages(server):
     status, message = post(
         server.port, "/send_message", "message=old+style", "application/x-www-form-urlencoded"
@@ -104,6 +140,13 @@ def test_health_counts_clients_and_messages(server):
         assert health["status"] == "ok" and health["clients"] == 1 and health["messages"] == 1
 
 
+def test_health_last_id_counts_on_past_what_the_history_keeps(small_server):
+    for n in range(5):
+        post(small_server.port, "/messages", {"text": f"m{n}"})
+    _, health = get(small_server.port, "/health")
+    assert (health["messages"], health["last_id"]) == (3, 5)
+
+
 def test_unknown_url_is_a_plain_404(server):
     status, _, body = request(server.port, "GET", "/nope")
     assert status == 404
@@ -115,6 +158,9 @@ def test_history_keeps_the_newest_and_ids_keep_counting(small_server):
         post(small_server.port, "/messages", {"text": f"m{n}"})
     _, body = get(small_server.port, "/messages")
     assert [m["id"] for m in body["messages"]] == [3, 4, 5]
+
+
+# --- HTTP bad input: 400 with a JSON body that names the field -------------------------
 
 
 BAD_POSTS = [
@@ -144,6 +190,14 @@ def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule, monkeypa
     response = hug.test.post(chat, "/messages", json.dumps(body), headers=headers)
     assert response.status == hug.HTTP_400
     assert rule in response.data["errors"][field]
+
+
+def test_send_message_with_neither_text_nor_message_is_a_400_naming_text(server):
+    status, body = post(
+        server.port, "/send_message", "name=bob", "application/x-www-form-urlencoded"
+    )
+    assert status == 400 and "text" in body["errors"]
+    assert get(server.port, "/messages")[1]["messages"] == []
 
 
 def test_exactly_2000_characters_of_emoji_are_accepted(server):
@@ -203,6 +257,9 @@ def test_huge_since_is_just_nothing_new(server):
 def test_body_over_64_kib_is_refused_with_413(server):
     status, _, _ = request(server.port, "POST", "/messages", {"text": "x" * 70000})
     assert status == 413
+
+
+# --- The websocket room ----------------------------------------------------------------
 
 
 def test_history_comes_first_with_the_last_50(server):
@@ -320,6 +377,34 @@ def test_unknown_path_is_refused_with_404(server):
     assert refused_handshake(ws_url(server, "/nope")) == 404
 
 
+def frames_but_presence(ws, count):
+    frames = []
+    while len(frames) < count:
+        frame = json.loads(ws.recv(timeout=5))
+        if frame["type"] != "presence":
+            frames.append(frame)
+    return frames
+
+
+def test_ping_gets_a_pong_and_is_not_counted_as_a_message(server):
+    with joined(server) as (ws, _):
+        for _ in range(60):  # three times the burst of messages
+            ws.send(json.dumps({"type": "ping"}))
+        answers = [frame["type"] for frame in frames_but_presence(ws, 60)]
+        assert answers == ["pong"] * 60
+        ws.send("still allowed")
+        assert receive(ws, "message")["text"] == "still allowed"
+
+
+def test_websocket_text_and_name_are_trimmed(server):
+    with joined(server, name="  padded  ") as (ws, history):
+        assert history["name"] == "padded"
+        ws.send(json.dumps({"type": "name", "name": " \tbob  "}))
+        ws.send(json.dumps({"type": "message", "text": "\n  hi there  \n"}))
+        message = receive(ws, "message")
+    assert (message["name"], message["text"]) == ("bob", "hi there")
+
+
 @pytest.mark.parametrize(
     "frame, error",
     [
@@ -343,108 +428,6 @@ def test_bad_frame_gets_an_error_and_the_connection_stays(server, frame, error):
     assert get(server.port, "/messages")[1]["messages"][-1]["text"] == "still here"
 
 
-def test_bad_query_parameters_get_an_error_and_a_guest_name(server):
-    with joined(server, name="n" * 40, since="abc") as (ws, _):
-        errors = {receive(ws, "error")["error"] for _ in range(2)}
-        assert any("name" in e for e in errors) and any("since" in e for e in errors)
-        ws.send("hi")
-        assert receive(ws, "message")["name"].startswith("guest-")
-
-
-def test_frame_over_64_kib_closes_with_1009(server):
-    with joined(server) as (ws, _):
-        ws.send("x" * (64 * 1024 + 1))
-        assert close_code(ws) == 1009
-
-
-def test_concurrent_websocket_and_http_senders_give_everyone_the_same_order(server):
-    ws_senders = [ws_url(server, name=f"sender{n}") for n in range(5)]
-    listeners = [ws_url(server, name=f"listener{n}") for n in range(3)]
-    http_senders = [(server.port, f"127.0.0.{10 + n}") for n in range(5)]
-    results = chat_from_everywhere(ws_senders, listeners, http_senders)
-    assert_everyone_got(results, get(server.port, "/messages?limit=1000")[1]["messages"])
-
-
-def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
-    for n in range(1, 6):
-        post(small_server.port, "/messages", {"text": f"m{n}"})
-    ids = lambda since: [
-        m["id"] for m in get(small_server.port, f"/messages?since={since}")[1]["messages"]
-    ]
-    assert (ids(0), ids(1), ids(3), ids(4), ids(5), ids(99)) == (
-        [3, 4, 5],
-        [3, 4, 5],
-        [4, 5],
-        [5],
-        [],
-        [],
-    )
-
-
-def test_a_post_the_busy_loop_cannot_answer_in_time_is_a_503_and_never_stored(server, monkeypatch):
-    monkeypatch.setattr(chat, "HTTP_WAIT", 0.2)  # 5 s in real life; the mechanism is the same
-    server.loop.call_soon_threadsafe(time.sleep, 1)  # the loop is busy for a second
-    status, _, body = request(server.port, "POST", "/messages", {"text": "too late"})
-    assert status == 503 and "too busy" in json.loads(body)["errors"]["room"]
-    monkeypatch.setattr(chat, "HTTP_WAIT", 5)
-    wait_for_health(server.port, messages=0)  # the loop is back, and did not store it after all
-    assert stored_texts(server.port) == []
-
-
-def frames_but_presence(ws, count):
-    frames = []
-    while len(frames) < count:
-        frame = json.loads(ws.recv(timeout=5))
-        if frame["type"] != "presence":
-            frames.append(frame)
-    return frames
-
-
-def test_ping_gets_a_pong_and_is_not_counted_as_a_message(server):
-    with joined(server) as (ws, _):
-        for _ in range(60):  # three times the burst of messages
-            ws.send(json.dumps({"type": "ping"}))
-        answers = [frame["type"] for frame in frames_but_presence(ws, 60)]
-        assert answers == ["pong"] * 60
-        ws.send("still allowed")
-        assert receive(ws, "message")["text"] == "still allowed"
-
-
-def test_get_messages_gives_at_most_100_by_default(server):
-    seed(150)
-    _, body = get(server.port, "/messages")
-    assert [m["id"] for m in body["messages"]] == list(range(1, 101))
-
-
-def test_send_message_with_neither_text_nor_message_is_a_400_naming_text(server):
-    status, body = post(
-        server.port, "/send_message", "name=bob", "application/x-www-form-urlencoded"
-    )
-    assert status == 400 and "text" in body["errors"]
-    assert get(server.port, "/messages")[1]["messages"] == []
-
-
-def test_config_tells_the_page_the_text_and_name_limits(server):
-    _, config = get(server.port, "/config")
-    assert (config["max_text"], config["max_name"]) == (2000, 32)
-
-
-def test_health_last_id_counts_on_past_what_the_history_keeps(small_server):
-    for n in range(5):
-        post(small_server.port, "/messages", {"text": f"m{n}"})
-    _, health = get(small_server.port, "/health")
-    assert (health["messages"], health["last_id"]) == (3, 5)
-
-
-def test_websocket_text_and_name_are_trimmed(server):
-    with joined(server, name="  padded  ") as (ws, history):
-        assert history["name"] == "padded"
-        ws.send(json.dumps({"type": "name", "name": " \tbob  "}))
-        ws.send(json.dumps({"type": "message", "text": "\n  hi there  \n"}))
-        message = receive(ws, "message")
-    assert (message["name"], message["text"]) == ("bob", "hi there")
-
-
 @pytest.mark.parametrize(
     "frame, error",
     [
@@ -462,3 +445,41 @@ def test_websocket_frames_follow_the_text_and_name_rules_of_http(server, frame, 
         ws.send("still here")
         assert receive(ws, "message")["name"] == "kept"
     assert stored_texts(server.port) == ["still here"]
+
+
+def test_bad_query_parameters_get_an_error_and_a_guest_name(server):
+    with joined(server, name="n" * 40, since="abc") as (ws, _):
+        errors = {receive(ws, "error")["error"] for _ in range(2)}
+        assert any("name" in e for e in errors) and any("since" in e for e in errors)
+        ws.send("hi")
+        assert receive(ws, "message")["name"].startswith("guest-")
+
+
+def test_frame_over_64_kib_closes_with_1009(server):
+    with joined(server) as (ws, _):
+        ws.send("x" * (64 * 1024 + 1))
+        assert close_code(ws) == 1009
+
+
+# --- The bridge: HTTP's threads ask the loop that owns the room (ask_room) ---------------
+
+
+# Senders over websocket and over HTTP at once: every client sees one order, the stored one.
+
+
+def test_concurrent_websocket_and_http_senders_give_everyone_the_same_order(server):
+    ws_senders = [ws_url(server, name=f"sender{n}") for n in range(5)]
+    listeners = [ws_url(server, name=f"listener{n}") for n in range(3)]
+    http_senders = [(server.port, f"127.0.0.{10 + n}") for n in range(5)]
+    results = chat_from_everywhere(ws_senders, listeners, http_senders)
+    assert_everyone_got(results, get(server.port, "/messages?limit=1000")[1]["messages"])
+
+
+def test_a_post_the_busy_loop_cannot_answer_in_time_is_a_503_and_never_stored(server, monkeypatch):
+    monkeypatch.setattr(chat, "HTTP_WAIT", 0.2)  # 5 s in real life; the mechanism is the same
+    server.loop.call_soon_threadsafe(time.sleep, 1)  # the loop is busy for a second
+    status, _, body = request(server.port, "POST", "/messages", {"text": "too late"})
+    assert status == 503 and "too busy" in json.loads(body)["errors"]["room"]
+    monkeypatch.setattr(chat, "HTTP_WAIT", 5)
+    wait_for_health(server.port, messages=0)  # the loop is back, and did not store it after all
+    assert stored_texts(server.port) == []

@@ -1,4 +1,9 @@
-"""fixtures"""
+"""The tests' fixtures, for test_chat.py and every file in tests/ (the root conftest.py loads
+this module as a plugin: a conftest.py in tests/ would reach only the files below it).
+
+Programs from outside Python (a browser, redis-server, nginx) are skipped with a clear reason
+when missing, except under CI=true, where they must run.
+"""
 
 import json
 import os

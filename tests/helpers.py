@@ -1,4 +1,10 @@
-"""helpers"""
+"""What the tests call: requests over HTTP, websocket clients, waiting for a condition, the chat
+as a process (ChatProcess), redis-server (RedisServer), nginx (Nginx), a relay that can go
+silent (Relay). The fixtures that use them are in fixtures.py.
+
+Most tests start the servers in this process on free ports (running_servers: fast); the
+command line, signals and exit codes are tested on `python chat.py` run as a subprocess.
+"""
 
 import asyncio
 import base64

@@ -1,4 +1,6 @@
-"""test_capacity"""
+"""A room near its limits: a history bigger than the write buffer, a full room, the
+process's file descriptors.
+"""
 
 import contextlib
 import http.client

@@ -1,4 +1,6 @@
-"""test_command_line"""
+"""The command line keeps its word: the URLs it prints, and every bad flag, port or address
+is one line on stderr and exit status 2.
+"""
 
 import socket
 

@@ -1,4 +1,6 @@
-"""test_deploy"""
+"""deploy/: the systemd unit passes systemd-analyze, and runs a command line chat.py accepts on
+the ports nginx.conf uses.
+"""
 
 import re
 import shlex

@@ -1,4 +1,11 @@
-"""test_engines"""
+"""The page in every engine: Chromium, Firefox, WebKit.
+
+One set of tests of the page's promises, run in each engine (engines.py: Playwright for
+Chromium, WebDriver BiDi for Firefox, Selenium and WebKitWebDriver for WebKit), each browser
+started once per run. `-k firefox` runs one engine's alone. The Chromium-only tests (test_page.py
+and others) use what only Playwright or Chromium can do: a fake clock, going offline, routes,
+CDP's metrics.
+"""
 
 import os
 import signal

@@ -1,4 +1,8 @@
-"""test_headers"""
+"""Hostile headers: what a client controls in its headers (Host forms, Content-Type parameters
+and case, headers sent twice, HEAD and OPTIONS). No answer is a 500, and none leaves a
+traceback in the log. Then the class, not only the instances: any headers a client may send,
+fuzzed, on both servers.
+"""
 
 import base64
 import http.client

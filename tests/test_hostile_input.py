@@ -1,4 +1,7 @@
-"""test_hostile_input"""
+"""Clients that misbehave on purpose: random bytes, invalid UTF-8, odd frames and bodies, and
+property-based fuzzing of frames and HTTP requests with the invariants that must hold. Each
+bad input gets a clear error and loses nothing else.
+"""
 
 import json
 import random

@@ -1,4 +1,4 @@
-"""test_logs"""
+"""The log stays readable: the same error again and again is logged once per interval."""
 
 import concurrent.futures
 import logging

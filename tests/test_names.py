@@ -1,4 +1,6 @@
-"""test_names"""
+"""Names belong to people: a name held online at another address is refused, one address may
+share its name between its tabs, and names that garble or hide are refused naming the rule.
+"""
 
 import socket
 import unicodedata

@@ -1,4 +1,6 @@
-"""test_nginx"""
+"""Behind the real nginx: deploy/nginx.conf in front of two `chat.py --redis`, over https and wss,
+with pages in Chromium; then kill -9 of a chat process and of redis-server while pages type.
+"""
 
 import collections
 import functools

@@ -1,4 +1,9 @@
-"""test_page"""
+"""The page in a real browser (Playwright driving Debian's Chromium): it keeps every promise to
+the person typing, connected or not, on a desktop and on a phone, and stays accessible.
+
+Playwright's sync API keeps an event loop running in the main thread for the whole session:
+asyncio code in tests goes through run_async(), so these tests may run in any order.
+"""
 
 import contextlib
 import json

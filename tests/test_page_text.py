@@ -1,4 +1,6 @@
-"""test_page_text"""
+"""The page for a programming workshop: fenced code as a block with a copy button, right-to-left
+names and text that read right, and what the page shows of names and renames.
+"""
 
 import json
 import re
@@ -164,7 +166,7 @@ def scripted_history(ws, name, online):
 def test_browser_a_refused_rename_puts_the_room_s_name_back_in_the_box_with_the_reason(
     server, open_page
 ):
-    """The error frame agreed with the server side of issue 23: its `name` is the name the room
+    """The error frame the server sends for a refused rename: its `name` is the name the room
     still knows, its text begins "rename refused: "."""
     from playwright.sync_api import expect
 

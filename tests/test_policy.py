@@ -1,4 +1,8 @@
-"""test_policy"""
+"""Who may talk to the chat: the Host allow-list and no cross-site writes.
+
+A rebinding page sends the attacker's name in Host; a cross-site page sends its own origin in
+Origin. The browser tests then open another site's page, and the chat page at every address.
+"""
 
 import contextlib
 import json

@@ -1,4 +1,6 @@
-"""test_presence"""
+"""Presence reads right: changes within one interval are coalesced into what they add up to,
+while the history's list of who is online stays exact.
+"""
 
 import contextlib
 import json

@@ -1,4 +1,6 @@
-"""test_proxy"""
+"""Behind a proxy: with --public-url the page's origin is the proxy's, the websocket is at /ws on
+it, and the proxy's X-Forwarded-For counts (from the proxy only). nginx itself: test_nginx.py.
+"""
 
 import http.client
 

@@ -1,4 +1,4 @@
-"""test_redis"""
+"""Scaling out: two chat.py processes, one room in Redis."""
 
 import json
 import shutil

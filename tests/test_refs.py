@@ -1,4 +1,6 @@
-"""test_refs"""
+"""A message's ref: a message sent again with the same ref is stored once, and the answer says
+which message it was; a bad ref is refused naming the rule.
+"""
 
 import json
 

@@ -1,4 +1,8 @@
-"""test_room_key"""
+"""A room key where strangers can reach the chat: Servers(key=...), as main() gives it for a
+--host that is not loopback or --public-url. Without the key, nothing but /health; with it (in
+the link, a Bearer header or the cookie the link sets), everything. Then the command line:
+when there is a key, and the QR code of the link.
+"""
 
 import json
 import os

@@ -1,4 +1,6 @@
-"""test_sending"""
+"""Prepared frames: one serialized frame written to everyone. The slow-reader guard rides on the
+same transport.write(): see test_slow_clients.py.
+"""
 
 import asyncio
 import base64

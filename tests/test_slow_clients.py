@@ -1,4 +1,7 @@
-"""test_slow_clients"""
+"""Clients that are slow or silent: a reader that stops reading is dropped and the others get
+everything, a resuming client that reads slowly is waited for, and connections that never
+handshake or trickle cannot lock others out.
+"""
 
 import asyncio
 import socket

@@ -1,4 +1,6 @@
-"""test_soak"""
+"""Soaks: clients that chat, drop and resume at random while HTTP posts run; and the fault soak
+(tools/soak_chat.py), which kills each part of the online chat in turn.
+"""
 
 import asyncio
 import json

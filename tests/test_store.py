@@ -1,4 +1,6 @@
-"""test_store"""
+"""--store: the room kept in SQLite over a crash and a restart: ids, messages, refs and guest
+numbers go on, and a client resuming over a restart misses nothing and gets nothing twice.
+"""
 
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""test_tools"""
+"""The tools keep working: the benchmark, the page's benchmark and the screenshot script."""
 
 import json
 import subprocess

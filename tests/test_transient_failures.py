@@ -1,4 +1,8 @@
-"""test_transient_failures"""
+"""A transient failure is not a refusal. An error that sending the same message again can cure
+(too fast, the room away) says `retry_after` in its frame, and HTTP answers 503 (429 for too
+fast) with Retry-After; the page then sends it again by itself. A refusal for good says no
+such thing.
+"""
 
 import json
 import threading

@@ -1,4 +1,8 @@
-"""test_voices"""
+"""One voice per address. Each client address is one person to the chat: the tests' clients use
+loopback addresses of their own (127.0.0.0/8 is all this machine), as many people would. An
+address has one rate limit (a burst of 20, then 10 a second) over all its websockets and HTTP
+posts, a bounded number of connections, and cannot flood anyone else.
+"""
 
 import asyncio
 import contextlib

@@ -1,4 +1,6 @@
-"""test_workshop"""
+"""The workshop: the README's walkthrough run as written, and the steps in steps/ each keeping
+their promise.
+"""
 
 import ast
 import contextlib
