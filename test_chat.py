@@ -12,7 +12,7 @@ import http.client
 import json
 import time
 
-import chat
+import chat  # before hug and anything that imports it: chat.py keeps hug away from NumPy 2
 
 # isort: split
 import hug

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-import chat
+import chat  # first of all: chat.py keeps hug away from NumPy 2
 
 # isort: split
 import pytest
@@ -24,6 +24,22 @@ from tests.helpers import (
     running_servers,
     seed_big,
 )
+
+# The fixtures that start a program from outside Python, by the marker of the tests that use them.
+NEEDS = {
+    "browser": {"browser", "open_page", "open_tab", "engine"},
+    "redis": {"redis_server"},
+    "nginx": {"behind_nginx"},
+}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that asks for a browser, redis-server or nginx carries its marker even where its
+    file does not say so: `-m "not browser"` never starts a browser."""
+    for item in items:
+        for marker, fixtures in NEEDS.items():
+            if fixtures & set(item.fixturenames):
+                item.add_marker(marker)
 
 
 @pytest.fixture

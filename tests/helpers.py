@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-import chat
+import chat  # before hug and anything that imports it: chat.py keeps hug away from NumPy 2
 
 # isort: split
 import pytest
