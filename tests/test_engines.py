@@ -206,7 +206,8 @@ def test_every_engine_sends_what_was_typed_while_the_server_was_away_once_it_is_
 @pytest.fixture
 def quick_heartbeat(tmp_path, monkeypatch):
     """The page as served, with a heartbeat of 0.5 s instead of 10 s: a dead connection is
-    noticed in a second or two, in every engine (Chromium's test above moves a fake clock)."""
+    noticed in a second or two, in every engine (Chromium's test, in test_page.py, moves a fake
+    clock)."""
     html = chat.PAGE.read_text(encoding="utf-8")
     quick = html.replace("const HEARTBEAT = 10000;", "const HEARTBEAT = 500;")
     assert quick != html, "chat.html no longer says: const HEARTBEAT = 10000;"
@@ -315,7 +316,7 @@ def axe_violations(tab):
 
 @pytest.mark.parametrize("state", ["empty room", "busy room", "error", "phone"])
 def test_every_engine_page_has_no_accessibility_violations(server, open_tab, state):
-    """(The dark scheme is Chromium's test above: Playwright emulates it.)"""
+    """(The dark scheme is Chromium's test, in test_page.py: Playwright emulates it.)"""
     if state != "empty room":
         seed(50)
     tab = open_tab(server.port, "alice", viewport=(375, 667) if state == "phone" else None)

@@ -378,7 +378,7 @@ def test_browser_counts_unread_messages_in_the_title_while_hidden(server, open_p
 
 
 def test_browser_pasted_lines_are_kept(server, open_page):
-    """(Enter and Shift+Enter: in every engine, below. Pasting is Playwright's insert_text.)"""
+    """(Enter and Shift+Enter: in every engine, test_engines.py. Pasting is Playwright's insert_text.)"""
     from playwright.sync_api import expect
 
     page = open_page(server.port)
