@@ -31,7 +31,6 @@ import chat  # before hug and anything that imports it: chat.py keeps hug away f
 import pytest
 import segno
 import websockets
-from hypothesis import strategies as st
 from websockets.asyncio.client import connect as async_connect
 from websockets.sync.client import connect
 
@@ -384,29 +383,6 @@ def silent_client(port):
         response += sock.recv(1)  # byte by byte: leave every frame after the handshake unread
     assert response.startswith(b"HTTP/1.1 101")
     return sock
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
-frames = st.one_of(
-    st.text(max_size=2500),
-    st.binary(max_size=100),
-    json_values.map(json.dumps),
-    st.fixed_dictionaries(
-        {"type": st.sampled_from(["message", "name", "bogus", ""])},
-        optional={
-            "text": json_values | st.text(max_size=2100),
-            "name": json_values | st.text(max_size=40),
-        },
-    ).map(json.dumps),
-)
 
 
 def assert_room_is_sound(server):

@@ -19,10 +19,8 @@ from websockets.sync.client import connect
 from tests.helpers import (
     assert_room_is_sound,
     close_code,
-    frames,
     get,
     joined,
-    json_values,
     post,
     presence_changes,
     receive,
@@ -114,6 +112,30 @@ def test_websocket_since_that_is_not_a_count_gets_an_error_and_the_last_50(serve
             assert "since" in receive(ws, "error")["error"]
         else:
             assert ids == expected
+
+
+# Property-based fuzzing: arbitrary frames and bodies, and the invariants that must hold.
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+frames = st.one_of(
+    st.text(max_size=2500),
+    st.binary(max_size=100),
+    json_values.map(json.dumps),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["message", "name", "bogus", ""])},
+        optional={
+            "text": json_values | st.text(max_size=2100),
+            "name": json_values | st.text(max_size=40),
+        },
+    ).map(json.dumps),
+)
 
 
 def test_fuzzed_frames_get_answers_and_keep_the_room_sound(server):
