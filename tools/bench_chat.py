@@ -1,9 +1,9 @@
 """How fast is the chat, against the limit of its own stack?
 
-    python bench_chat.py            the full run (a few minutes)
-    python bench_chat.py --quick    a small run (under a minute)
-    python bench_chat.py --json results.json --plot docs/latency.png
-    python bench_chat.py --only throughput --repeats 5 --aiohttp    the fan-out rows alone
+    python tools/bench_chat.py            the full run (a few minutes)
+    python tools/bench_chat.py --quick    a small run (under a minute)
+    python tools/bench_chat.py --json results.json --plot docs/latency.png
+    python tools/bench_chat.py --only throughput --repeats 5 --aiohttp    the fan-out rows alone
 
 With --aiohttp (and aiohttp installed) the fan-out scenarios also run against the same
 minimal server written on aiohttp (send_str() to each client): one more efficiency row.
@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # where chat.py is
 MESSAGE_PREFIX = b'{"type": "message", "id": '  # both servers start every message frame so
 
 # --- The baseline server ---------------------------------------------------------------
@@ -178,7 +178,7 @@ class Server:
             self.store = tempfile.TemporaryDirectory(prefix="bench-store-")
             command += ["--store", str(Path(self.store.name) / "room.db")]
         self.process = subprocess.Popen(
-            command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
         self.port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))
         self.ws_port = int(self.process.stdout.readline().rsplit(":", 1)[1].strip("/\n"))

@@ -3,23 +3,25 @@ docs/screenshot-workshop.png and docs/screenshot-workshop-phone.png: code in a m
 right-to-left name, at desktop and phone size; and with --engines the conversation in each
 engine at desktop and phone size: docs/screenshot-ENGINE-SIZE.png.
 
-    python docs/screenshot.py [OUTPUT.png]     # with OUTPUT.png: only the first picture
-    python docs/screenshot.py --engines        # and each engine's (those that are here)
+    python tools/screenshot.py [OUTPUT.png]     # with OUTPUT.png: only the first picture
+    python tools/screenshot.py --engines        # and each engine's (those that are here)
 
 Needs what the tests need (requirements-test.txt) and Debian's chromium; for the engines,
 firefox-esr, webkit2gtk-driver and xvfb too (see docs/development.md).
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py and chromium.py
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # chat.py, and tests/engines.py and tests/chromium.py
 import chat
-import engines
-from chromium import CHROMIUM, CHROMIUM_FLAGS
+from tests import engines
+from tests.chromium import CHROMIUM, CHROMIUM_FLAGS
 
 CONVERSATION = [
     ("alice", "Hi Bob! Is the websocket server up?"),
@@ -142,14 +144,19 @@ def make_workshop_screenshots(browser, directory):
 
 
 if __name__ == "__main__":
-    here = Path(__file__).parent
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output", nargs="?", metavar="OUTPUT.png", help="only the first picture")
+    parser.add_argument("--engines", action="store_true", help="each engine's pictures too")
+    args = parser.parse_args()
+    here = ROOT / "docs"
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        output = [arg for arg in sys.argv[1:] if arg != "--engines"]
-        make_screenshot(chromium, output[0] if output else here / "screenshot.png")
-        if not output:
+        make_screenshot(chromium, args.output or here / "screenshot.png")
+        if not args.output:
             make_workshop_screenshots(chromium, here)
-        if "--engines" in sys.argv:
+        if args.engines:
             for name in engines.ENGINES:
                 if name != "chromium" and (why := engines.missing(name)):
                     print(f"{name}: skipped: {why}", file=sys.stderr)

@@ -1,6 +1,6 @@
-"""How much the page costs the browser in a busy room: chat.html against the page before issue 13.
+"""How much the page costs the browser in a busy room: chat.html against an older page.
 
-    python bench_page.py [--quick] [--json FILE]
+    python tools/bench_page.py [--quick] [--json FILE]
 
 Runs the chat in this process and each page in headless Chromium (Debian's, as the tests).
 Messages are posted straight into the room (past the rate limit, as bench_chat.py's load
@@ -14,8 +14,8 @@ would be), and the page's main-thread time is read from Chrome's own counter (CD
   drawing of it is timed by a MutationObserver the benchmark adds. Reported: the worst lag,
   and how long after the last post the last message was on screen.
 
-Needs what the tests need (requirements-test.txt) and Debian's chromium. The page before
-issue 13 comes from git (commit BEFORE); `--baseline FILE` names another page to compare.
+Needs what the tests need (requirements-test.txt) and Debian's chromium. The older page
+comes from git (commit BEFORE); `--baseline FILE` names another page to compare.
 """
 
 import argparse
@@ -28,10 +28,11 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # chat.py, and tests/chromium.py
 import chat
-from chromium import CHROMIUM, CHROMIUM_FLAGS
+from tests.chromium import CHROMIUM, CHROMIUM_FLAGS
 
-BEFORE = "2736747"  # the last commit before issue 13 changed chat.html
+BEFORE = "2736747"  # chat.html before it learned to keep its promises (docs/performance.md)
 WINDOW = 50  # messages per per-append measurement
 
 # Counts the messages the page has drawn and how late each was (its text is "n posted_ms").
@@ -127,7 +128,7 @@ def lag(browser, rate, seconds):
 def baseline_page(path):
     if path:
         return Path(path).read_text(encoding="utf-8")
-    where = Path(__file__).parent
+    where = Path(__file__).resolve().parent.parent  # the repository
     return subprocess.run(
         ["git", "show", f"{BEFORE}:chat.html"],
         cwd=where,
@@ -164,7 +165,7 @@ def table(rows, levels):
 
 def main():
     parser = argparse.ArgumentParser(
-        description="The page's cost in a busy room, against the page before issue 13."
+        description="The page's cost in a busy room, against an older page."
     )
     parser.add_argument(
         "--quick",
@@ -182,7 +183,7 @@ def main():
     seconds = 10 if args.quick else 50
     pages = [
         ("chat.html", chat.PAGE.read_text(encoding="utf-8")),
-        ("before issue 13", baseline_page(args.baseline)),
+        (f"the page of {BEFORE}", baseline_page(args.baseline)),
     ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)

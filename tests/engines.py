@@ -11,7 +11,7 @@
     engine.close()
 
 - Chromium: Playwright, driving Debian's /usr/bin/chromium (Playwright's own download cannot
-  work offline). Its Browser is launched by whoever uses it (test_chat.py's `browser` fixture).
+  work offline). Its Browser is launched by whoever uses it (the `browser` fixture).
 - Firefox: `firefox-esr --headless --remote-debugging-port=0` speaks WebDriver BiDi itself, at
   ws://127.0.0.1:PORT/session. There is no well-kept Python BiDi client, so `Bidi` below is a
   thin one over the project's own `websockets`: a command, its answer; events are ignored.
@@ -44,7 +44,7 @@ WEBKIT_DRIVER = "WebKitWebDriver"
 XVFB = "Xvfb"
 
 # What each engine needs on this machine, and the Debian package that brings it.
-# (Chromium's is test_chat.py's `browser` fixture's, which launches it.)
+# (Chromium's is the `browser` fixture's, which launches it.)
 NEEDS = {
     "firefox": [(FIREFOX, "firefox-esr")],
     "webkit": [(WEBKIT_DRIVER, "webkit2gtk-driver"), (XVFB, "xvfb")],

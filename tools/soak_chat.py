@@ -1,7 +1,7 @@
 """A fault soak: is anything lost when a part of the online chat fails?
 
-    python soak_chat.py --minutes 10          the run that docs/online.md reports
-    python soak_chat.py --seconds 15          a short one (the test suite runs this)
+    python tools/soak_chat.py --minutes 10          the run that docs/online.md reports
+    python tools/soak_chat.py --seconds 15          a short one (the test suite runs this)
 
 It runs what docs/online.md deploys: redis-server (append-only file), two `chat.py --redis`,
 and nginx in front of them where it is installed (plain HTTP here: TLS changes nothing for
@@ -36,7 +36,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-CHAT_PY = Path(__file__).resolve().with_name("chat.py")
+CHAT_PY = Path(__file__).resolve().parent.parent / "chat.py"
 HISTORY = 1_000_000  # the room keeps everything of the run: every ref stays known
 # One room key for both processes, as docs/online.md gives them; clients send it as Bearer.
 # (--key=KEY, not --key KEY: a random key may begin with "-".)

@@ -1,5 +1,6 @@
-"""Debian's Chromium, headless, as the tests (test_chat.py) and the page's benchmark (bench_page.py)
-start it through Playwright: one place for both, so neither imports the other."""
+"""Debian's Chromium, headless, as the tests (the `browser` fixture) and the page's benchmark
+(tools/bench_page.py) start it through Playwright: one place for both, so neither imports the
+other."""
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
