@@ -34,9 +34,9 @@ from pathlib import Path
 
 import chat  # before hug: chat.py keeps hug away from NumPy 2
 import engines
+from parts import access, fixes, logs, sending, sqlite_history, voices
 
 # isort: split
-import hug
 import pytest
 import segno
 import websockets
@@ -54,15 +54,30 @@ CHAT_PY = Path(__file__).with_name("chat.py")
 # --- Helpers ---------------------------------------------------------------------------
 
 
+RUNNING = []  # the servers running_servers() started, the newest last
+
+
+def the_room():
+    """The room of the servers this test runs (the newest running_servers())."""
+    return RUNNING[-1].room
+
+
+def ask_room(coroutine):
+    """chat.ask_room() for the room of the servers this test runs."""
+    return chat.ask_room(the_room(), coroutine)
+
+
 @contextlib.contextmanager
 def running_servers(host="127.0.0.1", **options):
     """The chat on free ports in this process; stopped after the block, and no thread of it
     may outlive stop()."""
     threads_before = set(threading.enumerate())
-    servers = chat.Servers(host, 0, 0, **options)
+    servers = chat.Servers(chat.Settings(host=host, port=0, ws_port=0, **options))
+    RUNNING.append(servers)
     try:
         yield servers
     finally:
+        RUNNING.remove(servers)
         servers.stop()
     assert not threads_started_since(threads_before), "a server thread outlived stop()"
 
@@ -197,9 +212,9 @@ def seed(count, name="seed"):
 
     async def post_all():
         for n in range(1, count + 1):
-            await chat.room.post(name, f"m{n}")
+            await the_room().post(name, f"m{n}")
 
-    chat.ask_room(post_all())
+    ask_room(post_all())
 
 
 def ws_url(servers, path="/", **query):
@@ -397,15 +412,10 @@ BAD_POSTS = [
 
 
 @pytest.mark.parametrize("body, field, rule", BAD_POSTS)
-def test_bad_post_is_a_400_naming_the_field_and_rule(body, field, rule, monkeypatch):
-    # hug.test calls chat's routes in this process, without servers: the policy of no room key,
-    # not the one the last test's servers left behind (say keyed_server's, a 401)
-    monkeypatch.setattr(chat, "policy", chat.Policy())
-    # hug.test's own host is falconframework.org
-    headers = {"content-type": "application/json", "host": "127.0.0.1"}
-    response = hug.test.post(chat, "/messages", json.dumps(body), headers=headers)
-    assert response.status == hug.HTTP_400
-    assert rule in response.data["errors"][field]
+def test_bad_post_is_a_400_naming_the_field_and_rule(server, body, field, rule):
+    status, _, answer = request(server.port, "POST", "/messages", json.dumps(body))
+    assert status == 400
+    assert rule in json.loads(answer)["errors"][field]
 
 
 def test_exactly_2000_characters_of_emoji_are_accepted(server):
@@ -783,7 +793,7 @@ def read_frame(stream):
 
 def client_connection(name):
     """The server's side of the client called `name`; only for code running in the loop."""
-    return next(connection for connection, who in chat.room.clients.items() if who == name)
+    return next(connection for connection, who in the_room().clients.items() if who == name)
 
 
 def test_nothing_is_sent_after_the_close_frame_of_a_shutdown(server):
@@ -819,7 +829,7 @@ def test_a_message_does_not_cut_into_a_fragmented_message_being_sent(server):
         return go_on, sent
 
     with joined(server, name="fragments") as (ws, _):
-        go_on, sent = chat.ask_room(start_fragmented_send())
+        go_on, sent = ask_room(start_fragmented_send())
         assert post(server.port, "/messages", {"text": "posted in between"})[0] == 201
         server.loop.call_soon_threadsafe(go_on.set)
         while (frame := ws.recv(timeout=5)).startswith("{"):
@@ -851,7 +861,7 @@ def test_a_client_that_negotiated_compression_gets_compressed_frames():
                 "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n".encode()
             )
             assert b"permessage-deflate" in await reader.readuntil(b"\r\n\r\n")
-            chat.send_prepared(
+            sending.send_prepared(
                 [await connected], json.dumps({"type": "message", "text": "x" * 1000})
             )
             head = await reader.readexactly(2)
@@ -872,7 +882,7 @@ def open_fds():
 
 def test_stop_closes_clients_with_1001_and_leaves_no_thread_or_socket():
     threads_before, fds_before = set(threading.enumerate()), open_fds()
-    servers = chat.Servers("127.0.0.1", 0, 0)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0))
     with joined(servers) as (ws, _):
         post(servers.port, "/messages", {"text": "hi"})
         servers.stop()
@@ -1043,9 +1053,9 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
 
     async def post_batch():
         for _ in range(batch):
-            await chat.room.post("bulk", text)
+            await the_room().post("bulk", text)
             peak[0] = max(
-                peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients)
+                peak[0], *(c.transport.get_write_buffer_size() for c in the_room().clients)
             )
 
     def ids(frames):
@@ -1063,7 +1073,7 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
     with silent_client(server.ws_port), joined(server, name="reader") as (reader, _):
         frames = []
         for _ in range(total // batch):  # the reader reads each batch before the next
-            chat.ask_room(post_batch())
+            ask_room(post_batch())
             frames += receive_until(
                 reader, lambda new: len(ids(new)) == batch, ("message", "presence"), timeout=10
             )
@@ -1368,7 +1378,7 @@ def test_an_origin_sent_twice_over_http_is_not_the_chat_page_and_a_post_is_refus
     "name", ["localhost.", "chat.localhost.", "chat.lan.", "LocalHost.", "CHAT.LAN"]
 )
 def test_a_page_opened_at_a_name_with_a_trailing_dot_or_capitals_can_post_and_connect(name):
-    with running_servers(allowed_hosts=["chat.lan"]) as servers:
+    with running_servers(allow_host=["chat.lan"]) as servers:
         origin = f"http://{name}:{servers.port}"
         headers = {"Host": f"{name}:{servers.port}", "Origin": origin}
         status, _, _ = request(servers.port, "POST", "/messages", {"text": "hi"}, headers=headers)
@@ -1391,7 +1401,7 @@ def test_browser_a_page_opened_at_localhost_with_a_trailing_dot_goes_online_and_
 def test_stop_closes_a_handshake_that_never_comes_instead_of_waiting_for_it(monkeypatch):
     monkeypatch.setattr(chat, "OPEN_TIMEOUT", 60)  # far longer than stop() may take
     threads_before = set(threading.enumerate())
-    servers = chat.Servers("127.0.0.1", 0, 0)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0))
     with socket.create_connection(("127.0.0.1", servers.ws_port), timeout=10) as idle:
         # connections are accepted in order: once a later one is in, the idle one is too
         with joined(servers) as (ws, _):
@@ -1533,7 +1543,7 @@ def random_case(text):
 
 
 media_types = (
-    st.sampled_from(chat.READABLE)
+    st.sampled_from(fixes.READABLE)
     | st.sampled_from(["application/xml", "", "multipart/mixed", "application/json+x"])
 ).flatmap(random_case)
 parameters = st.tuples(
@@ -1934,7 +1944,7 @@ def test_redis_unreachable_at_start_is_one_line_and_exit_2(chat_process):
 
 
 def test_the_default_chat_does_not_import_redis():
-    code = "import sys, chat; s = chat.Servers(port=0, ws_port=0); s.stop(); print('redis' in sys.modules)"
+    code = "import sys, chat; s = chat.Servers(chat.Settings(port=0, ws_port=0)); s.stop(); print('redis' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -1954,9 +1964,9 @@ def seed_big(count):
 
     async def post_all():
         for _ in range(count):
-            await chat.room.post("big", "😀" * 2000)
+            await the_room().post("big", "😀" * 2000)
 
-    chat.ask_room(post_all())
+    ask_room(post_all())
 
 
 def server_waits_for_a_client(servers):
@@ -2060,9 +2070,8 @@ def test_get_messages_since_finds_its_start_in_a_trimmed_history(small_server):
     )
 
 
-def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_CLIENTS", 3)
-    with running_servers() as servers, contextlib.ExitStack() as stack:
+def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers():
+    with running_servers(max_clients=3) as servers, contextlib.ExitStack() as stack:
         first = stack.enter_context(joined(servers))[0]
         for _ in range(2):
             stack.enter_context(joined(servers))
@@ -2209,7 +2218,7 @@ def test_a_post_the_busy_loop_cannot_answer_in_time_is_a_503_and_never_stored(se
 
 
 def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
-    chat.log_repeated_errors_once()
+    logs.log_repeated_errors_once()
     token = os.urandom(4).hex()  # a message no earlier test logged
     for _ in range(100):
         logging.getLogger("waitress").warning(f"server accept() threw an exception {token}")
@@ -2264,7 +2273,7 @@ def test_a_ref_is_forgotten_with_its_message(small_server):
     for n in range(3):  # the room keeps 3: "old" and its ref are gone
         post(small_server.port, "/messages", {"text": f"new {n}"})
     assert post(small_server.port, "/messages", {"text": "again", "ref": "r"})[0] == 201
-    assert len(chat.room.refs) == 1
+    assert len(the_room().history.refs) == 1
 
 
 def frames_but_presence(ws, count):
@@ -2615,12 +2624,12 @@ def test_browser_reconnects_after_a_drop_and_shows_what_it_missed_once(server, o
     expect(texts(page)).to_have_text(["before 1", "before 2"])
 
     async def drop_everyone_then_post():
-        for connection in list(chat.room.clients):
+        for connection in list(the_room().clients):
             connection.transport.abort()
         for text in ["missed 1", "missed 2"]:
-            await chat.room.post("bob", text)
+            await the_room().post("bob", text)
 
-    chat.ask_room(drop_everyone_then_post())
+    ask_room(drop_everyone_then_post())
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2"])
     post(server.port, "/messages", {"name": "bob", "text": "after"})
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2", "after"])
@@ -3260,7 +3269,7 @@ def without_refill(monkeypatch):
     """The running room's limits per address refill one message in 1000 s: within a test an
     address gets its burst and no more, however slow the machine (and a refill in between
     cannot hide a limit that is not there)."""
-    monkeypatch.setattr(chat.room.message_buckets, "per_second", 0.001)
+    monkeypatch.setattr(the_room().message_buckets, "per_second", 0.001)
 
 
 async def send_and_wait_for_answers(ws, count, name):
@@ -3325,7 +3334,7 @@ def presence_bytes_bound(seconds):
     """The most presence an address that joins in a loop may cost another client: each join it
     is let in for and its leave, at most 40 bytes each, and a frame's own 60 bytes at most every
     PRESENCE_EVERY; "a few KB" for 5 s."""
-    joins = chat.JOIN_BURST + chat.JOINS_PER_SECOND * seconds
+    joins = voices.JOIN_BURST + voices.JOINS_PER_SECOND * seconds
     return 2 * joins * 40 + (seconds / PRESENCE_EVERY + 2) * 60
 
 
@@ -3358,7 +3367,7 @@ def test_an_address_connecting_in_a_loop_for_5_s_costs_others_only_a_few_kb_of_p
 
 def test_past_100_connections_an_address_is_refused_while_another_address_still_joins(server):
     async def run():
-        clients = [await connect_from(server, "127.0.4.8") for _ in range(chat.MAX_PER_ADDRESS)]
+        clients = [await connect_from(server, "127.0.4.8") for _ in range(voices.MAX_PER_ADDRESS)]
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             await connect_from(server, "127.0.4.8")
         async with connect_from(server, "127.0.4.9") as other:
@@ -3446,7 +3455,7 @@ def with_key(way, key=ROOM_KEY):
     return {
         "query": ("?key=" + key, {}),
         "bearer": ("", {"Authorization": f"Bearer {key}"}),
-        "cookie": ("", {"Cookie": f"other=1; {chat.policy.cookie_name()}={key}"}),
+        "cookie": ("", {"Cookie": f"other=1; {RUNNING[-1].policy.cookie_name()}={key}"}),
     }[way]
 
 
@@ -3476,7 +3485,7 @@ def test_without_the_key_every_route_but_health_is_refused_saying_how_to_get_in(
     else:
         assert status == 401 and content_type.startswith("application/json")
         assert "open the link the chat printed" in json.loads(body)["errors"]["key"]
-    assert [m["text"] for m in chat.ask_room(chat.room.fetch(0, 100))] == []
+    assert [m["text"] for m in ask_room(the_room().fetch(0, 100))] == []
 
 
 @pytest.mark.parametrize("way, key", WITHOUT_THE_KEY)
@@ -3522,7 +3531,7 @@ def test_the_link_sets_an_httponly_lax_cookie_and_redirects_to_the_page_without_
     answer = request(keyed_server.port, "GET", f"/chat?name=sam&key={ROOM_KEY}")
     assert answer.status == 303 and answer.headers["Location"] == "/chat?name=sam"
     cookie = answer.headers["Set-Cookie"]
-    assert cookie.startswith(f"{chat.policy.cookie_name()}={ROOM_KEY};")
+    assert cookie.startswith(f"{RUNNING[-1].policy.cookie_name()}={ROOM_KEY};")
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
     assert "Secure" not in cookie  # plain http: a Secure cookie would never come back
 
@@ -3672,7 +3681,7 @@ def test_a_room_key_from_the_environment_is_the_key_and_stays_off_the_command_li
 def test_a_key_the_chat_makes_can_be_given_back_with_key_to_keep_the_link(monkeypatch):
     """A random key may begin with "-", and then `--key KEY` reads it as another option."""
     keys = iter(["-begins-with-a-dash-0", "a-room-key-with-no-dash"])
-    monkeypatch.setattr(chat.secrets, "token_urlsafe", lambda _: next(keys))
+    monkeypatch.setattr(access.secrets, "token_urlsafe", lambda _: next(keys))
     made = chat.parse_args(["--host", "0.0.0.0"]).key
     assert chat.parse_args(["--host", "0.0.0.0", "--key", made]).key == made
 
@@ -4086,9 +4095,9 @@ class Relay:
 def relay(server):
     """The page connects through a Relay: /config and the page's policy name its port."""
     relay = Relay(server.ws_port)
-    real_port, chat.room.ws_port = chat.room.ws_port, relay.port
+    real_port, the_room().ws_port = the_room().ws_port, relay.port
     yield relay
-    chat.room.ws_port = real_port
+    the_room().ws_port = real_port
     relay.close()
 
 
@@ -5341,7 +5350,7 @@ def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_ch
 def test_another_cookie_of_the_host_does_not_hide_the_room_key(keyed_server, other):
     # Cookies are per host, not per port: other pages on localhost or the LAN address set
     # theirs, and http.cookies stopped reading at the first one it could not parse.
-    cookie = {"Cookie": f"{other}; {chat.policy.cookie_name()}={ROOM_KEY}"}
+    cookie = {"Cookie": f"{other}; {RUNNING[-1].policy.cookie_name()}={ROOM_KEY}"}
     assert request(keyed_server.port, "GET", "/config", headers=cookie).status == 200
     with connect(ws_url(keyed_server), open_timeout=5, additional_headers=cookie) as ws:
         assert receive(ws, "history")["type"] == "history"
@@ -5388,10 +5397,9 @@ def test_a_rename_refused_for_going_too_fast_says_retry_after_and_a_bad_name_doe
     assert 0 < too_fast["retry_after"] <= 1 / PER_SECOND
 
 
-def test_a_full_room_says_retry_after_on_the_handshake(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_CLIENTS", 1)
+def test_a_full_room_says_retry_after_on_the_handshake():
     with (
-        running_servers() as servers,
+        running_servers(max_clients=1) as servers,
         joined(servers),
         pytest.raises(websockets.exceptions.InvalidStatus) as refused,
         connect(ws_url(servers), open_timeout=5),
@@ -5412,7 +5420,8 @@ def test_a_degraded_health_says_retry_after_as_every_other_503(server, monkeypat
 
 def test_stop_does_not_wait_for_a_client_that_stopped_reading_its_history():
     threads_before = set(threading.enumerate())
-    servers = chat.Servers("127.0.0.1", 0, 0, history=2000)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0, history=2000))
+    RUNNING.append(servers)  # for seed_big()
     stopped = False
     try:
         seed_big(2000)
@@ -5422,6 +5431,7 @@ def test_stop_does_not_wait_for_a_client_that_stopped_reading_its_history():
             stopped = True
             assert time.monotonic() - began < 5
     finally:
+        RUNNING.remove(servers)
         if not stopped:
             servers.stop()
     assert not threads_started_since(threads_before), "a server thread outlived stop()"
@@ -5745,7 +5755,11 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
 # Each step is started as a process, as the reader starts it, and checked for what it teaches.
 
 STEPS = CHAT_PY.parent / "steps"
-QUOTED = [CHAT_PY, CHAT_PY.with_name("redis_room.py"), *sorted(STEPS.glob("step*.py"))]
+QUOTED = [
+    CHAT_PY,
+    *sorted(CHAT_PY.with_name("parts").glob("*.py")),
+    *sorted(STEPS.glob("step*.py")),
+]
 
 
 def readme_python_blocks():
@@ -5773,7 +5787,7 @@ def test_readme_quotes_steps_1_and_2_whole():
 
 
 def defined_names():
-    """Top-level names (functions, classes, constants, imports) of chat.py, redis_room.py and
+    """Top-level names (functions, classes, constants, imports) of chat.py, parts/ and
     the steps, and `Class.attribute` for what their classes define."""
     names = set()
     for path in QUOTED:
@@ -6167,7 +6181,7 @@ def slow_presence(server, monkeypatch):
 
 def send_presence_now(servers):
     """The end of the interval: the changes waiting go out."""
-    servers.loop.call_soon_threadsafe(chat.room.send_presence)
+    servers.loop.call_soon_threadsafe(the_room().presence.send_presence)
 
 
 def synced(ws):
@@ -6256,7 +6270,7 @@ def test_online_in_history_stays_exact_while_changes_are_coalesced(slow_presence
 def test_waitress_task_queue_warnings_come_once_per_interval_not_per_request(
     server, caplog, monkeypatch
 ):
-    monkeypatch.setattr(chat.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
+    monkeypatch.setattr(logs.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
     busy = threading.Event()
     server.loop.call_soon_threadsafe(busy.wait, 10)  # the loop is busy: requests wait for it
     with concurrent.futures.ThreadPoolExecutor(12) as clients:
@@ -6342,7 +6356,7 @@ def test_the_store_file_is_bounded_by_history(tmp_path):
         seed(250)
     with contextlib.closing(sqlite3.connect(tmp_path / "room.db")) as db:
         ids = [row[0] for row in db.execute("SELECT id FROM messages ORDER BY id")]
-    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + chat.HistoryFile.TRIM_EVERY
+    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + sqlite_history.HistoryFile.TRIM_EVERY
 
 
 def test_guest_numbers_go_on_over_a_restart(chat_process, tmp_path):
@@ -6393,9 +6407,9 @@ def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_
     with running_servers(store=str(tmp_path / "room.db")) as servers:
 
         async def twice():
-            return await asyncio.gather(*(chat.room.post("ann", "once", "r") for _ in range(2)))
+            return await asyncio.gather(*(the_room().post("ann", "once", "r") for _ in range(2)))
 
-        (first, stored_now), (again, stored_again) = chat.ask_room(twice())
+        (first, stored_now), (again, stored_again) = ask_room(twice())
         assert (stored_now, stored_again) == (True, False) and again == first
         assert stored_texts(servers.port) == ["once"]
 
@@ -6403,7 +6417,7 @@ def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_
 def test_a_store_that_cannot_write_refuses_the_message_and_keeps_serving(tmp_path):
     with running_servers(store=str(tmp_path / "room.db")) as servers:
         assert post(servers.port, "/messages", {"text": "before"})[0] == 201
-        db = chat.room.file.db  # the writer's own connection: no write is under way now
+        db = the_room().history.file.db  # the writer's own connection: no write is under way now
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {pages}")  # a full disk, as SQLite sees it
         with joined(servers) as (ws, _):
