@@ -9,24 +9,11 @@ threads; they never change the room themselves: they hand their work to the even
 (ask_room()) and wait for the answer. One owner means one order: every client sees the same
 messages, in the same order, as GET /messages.
 
-Step 3's names come in step 3's order: Room (send_to_all(), join()), chat(), read_frame(),
-handle_frame(), route() and echo(), api, ask_room(), get_messages(), post_message(), config(),
-page(), Servers, main(). What a real room adds sits under a heading of its own, after what it
-extends: resuming with since= and room=, a long history in pieces, a repeated ref stored once,
-presence in batches, a name held by one person, one rate limit per client address (in Room);
-posting over a websocket and over HTTP, and the errors a client is told; the rules for what a
-client sends; the seed tutorial's POST /send_message, GET /health; who may talk to the chat;
-the page's Content-Security-Policy; a loop too busy to answer; the history in this process,
-in SQLite (--store) or in Redis (--redis); a clean stop; the addresses and the QR code to
-print; the command line (--key).
-
-The armour is in parts/, each module behind a small API, with a docstring that says what it
-guarantees: access (Host, Origin, the room key), names (what a name may hold), voices (one
-voice per address, the websocket server's guards), sending (the prepared frame, descriptor
-limits), fixes (hug and waitress workarounds), history, sqlite_history, redis_history (the
-three histories behind one interface), logs (the same error logged once), errors (what a
-client is told it is refused). The README teaches it step by step; docs/protocol.md documents
-the protocol as built.
+Step 3's names come in step 3's order: Room, chat(), route() and echo(), api, ask_room(),
+the routes, Servers, main(). What a real room adds sits after what it extends, under a heading
+of its own. The armour is in parts/ (none of it imports chat), reached through small APIs,
+each module with a docstring that says what it guarantees. The README teaches it step by
+step; docs/protocol.md documents the protocol as built.
 """
 
 from parts import fixes  # first: it lets hug load where NumPy 2 is installed
@@ -34,19 +21,16 @@ from parts import fixes  # first: it lets hug load where NumPy 2 is installed
 # isort: split
 import argparse
 import asyncio
-import base64
 import collections
 import contextlib
 import dataclasses
 import datetime
 import functools
-import hashlib
 import ipaddress
 import itertools
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -63,7 +47,7 @@ import waitress
 from websockets.asyncio.server import broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from parts import access
+from parts import access, voices
 from parts.access import POLICY, Policy, url_host
 from parts.errors import RETRY_AFTER, BadInput, NameTaken, RoomUnavailable, TooFast
 from parts.fixes import close_websockets, request_host, stop_waitress, without_nulls
@@ -71,14 +55,7 @@ from parts.history import History
 from parts.logs import log_repeated_errors_once
 from parts.names import check_shown, name_key
 from parts.sending import connection_limits, raise_fd_limit, send_prepared
-from parts.voices import (
-    JOIN_BURST,
-    JOINS_PER_SECOND,
-    Buckets,
-    ChatConnection,
-    check_request,
-    voice_of,
-)
+from parts.voices import Buckets, ChatConnection, check_request, voice_of
 
 # --- Configuration -----------------------------------------------------------------------
 
@@ -134,7 +111,7 @@ class Room:
         # One voice per client address: a rate limit for messages and renames, websocket and
         # HTTP alike, a bucket of joins, and a count of its open websocket connections.
         self.message_buckets = Buckets(BURST, PER_SECOND)
-        self.join_buckets = Buckets(JOIN_BURST, JOINS_PER_SECOND)
+        self.join_buckets = Buckets(voices.JOIN_BURST, voices.JOINS_PER_SECOND)
         self.connections_from = collections.Counter()  # client address -> open websockets
         # Who goes by which name, for everyone in the room or joining it (see hold_name())
         self.names = {}  # connection -> (client address, name_key(name))
@@ -341,13 +318,6 @@ def read_frame(frame):
     return without_nulls(data)
 
 
-def json_limit(error):
-    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
-    if isinstance(error, RecursionError):
-        return "it is nested too deep"
-    return f"a number has more than {sys.get_int_max_str_digits()} digits"
-
-
 async def handle_frame(connection, data, room):
     """Act on one frame from a client."""
     if data.get("type") == "message":
@@ -478,7 +448,8 @@ def page(request, response):
     if request.env[POLICY].key and any(name == "key" for name, _ in query):
         return access.keep_the_key_in_a_cookie(request, response, query)
     html = PAGE.read_text(encoding="utf-8")
-    response.set_header("Content-Security-Policy", page_policy(html, websocket_address(request)))
+    csp = access.page_policy(html, websocket_address(request))
+    response.set_header("Content-Security-Policy", csp)
     return html
 
 
@@ -542,6 +513,15 @@ async def send_error(connection, error, ref=None, retry_after=None, name=None):
     await connection.send(json.dumps(frame, ensure_ascii=False))
 
 
+def websocket_address(request):
+    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port
+    on the host the browser asked for (for the page's Content-Security-Policy)."""
+    policy = request.env[POLICY]
+    if policy.public_url:
+        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
+    return f"ws://{url_host(request_host(request))}:{request.env[ROOM].ws_port}"
+
+
 def retry_after_header(seconds):
     """HTTP's Retry-After counts whole seconds: round up, so that the client is not early."""
     return str(max(1, math.ceil(seconds)))
@@ -573,7 +553,7 @@ def claim_name_and_since(connection, room):
     return name or room.hold_name(connection, room.guest_name()), since, errors
 
 
-# --- The rules' own helpers ---------------------------------------------------------------
+# --- The rules' own helpers --------------------------------------------------------------
 
 
 def trimmed(value, field, limit):
@@ -606,6 +586,13 @@ def whole_number(text, low, high):
     if text.isdecimal() and len(text) <= len(str(high)) and low <= int(text) <= high:
         return int(text)
     return None
+
+
+def json_limit(error):
+    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
+    if isinstance(error, RecursionError):
+        return "it is nested too deep"
+    return f"a number has more than {sys.get_int_max_str_digits()} digits"
 
 
 def utc_now():
@@ -744,36 +731,6 @@ hug.request_middleware(api=api)(access.check_room_key)
 fixes.fix_hug(api)
 
 
-# --- The page's Content-Security-Policy --------------------------------------------------
-
-
-def page_policy(html, websocket):
-    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
-    return (
-        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
-        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
-        f"connect-src 'self' {websocket}; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-
-
-def websocket_address(request):
-    """Where the page opens its websocket (see /config): the proxy's /ws, or the websocket port
-    on the host the browser asked for."""
-    policy = request.env[POLICY]
-    if policy.public_url:
-        return policy.public_url.replace("http", "ws", 1) + "/ws"  # https: gives wss:
-    return f"ws://{url_host(request_host(request))}:{request.env[ROOM].ws_port}"
-
-
-def inline_hashes(html, tag):
-    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
-    digests = (
-        base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks
-    )
-    return " ".join(f"'sha256-{digest}'" for digest in digests)
-
-
 # --- When the loop is too busy to answer -------------------------------------------------
 
 
@@ -806,7 +763,7 @@ async def unless_too_late(coroutine, deadline):
     return await coroutine
 
 
-# --- The room's history: in this process, in SQLite (--store) or in Redis (--redis) -------
+# --- The room's history: in this process, in SQLite (--store) or in Redis (--redis) ------
 
 
 def open_history(settings):
@@ -984,7 +941,7 @@ class Servers:
                 self.loop.close()
 
 
-# --- main(), and the addresses and QR code it prints ---------------------------------------------------------------------------
+# --- main(), and the addresses and the QR code it prints ---------------------------------
 
 
 def main(argv=None):
@@ -1006,9 +963,8 @@ def main(argv=None):
         return 2
 
     addresses = reachable_addresses(settings.host)
-    with_key = (
-        f"?key={settings.key}" if settings.key else ""
-    )  # the link people open: the key goes with it
+    # The link people open: the key goes with it.
+    with_key = f"?key={settings.key}" if settings.key else ""
     for address in addresses:  # the first two lines are machine-readable: tests and tools read them
         print(f"Chat page:  http://{url_host(address)}:{servers.port}/{with_key}", flush=True)
         print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)

@@ -5,11 +5,15 @@ a Host that a stranger could point at this machine is refused, and so is a write
 handshake from another site's page; where a room key is set, nothing but /health is served
 without it, and comparing keys tells nothing about how much of a guess was right. Host
 headers and origins are read in one place (host_and_port()), and a bad one is a ValueError,
-never a crash. The command line's --key, --allow-host and --public-url are read here too.
+never a crash. The command line's --key, --allow-host and --public-url are read here too,
+and the page's Content-Security-Policy lets only its own script and style run, and connect
+only to the chat.
 """
 
 import argparse
+import base64
 import contextlib
+import hashlib
 import hmac
 import http
 import http.cookies
@@ -395,3 +399,24 @@ def public_url_argument(value):
     raise argparse.ArgumentTypeError(
         f"{value!r} is not a URL such as https://chat.example.org (no path)"
     )
+
+
+# The page's Content-Security-Policy ..........................................................
+
+
+def page_policy(html, websocket):
+    """Only the page's own inline script and style (by hash) may run, and only our websocket."""
+    return (
+        f"default-src 'none'; script-src {inline_hashes(html, 'script')}; "
+        f"style-src {inline_hashes(html, 'style')}; img-src data:; "
+        f"connect-src 'self' {websocket}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def inline_hashes(html, tag):
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+    digests = (
+        base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks
+    )
+    return " ".join(f"'sha256-{digest}'" for digest in digests)
