@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 
-import chat  # first of all: chat.py keeps hug away from NumPy 2
-
 # isort: split
 import pytest
 
@@ -23,6 +21,7 @@ from tests.helpers import (
     free_port,
     running_servers,
     seed_big,
+    the_room,
 )
 
 # The fixtures that start a program from outside Python, by the marker of the tests that use them.
@@ -184,7 +183,7 @@ def proxied_server():
 def relay(server):
     """The page connects through a Relay: /config and the page's policy name its port."""
     relay = Relay(server.ws_port)
-    real_port, chat.room.ws_port = chat.room.ws_port, relay.port
+    real_port, the_room().ws_port = the_room().ws_port, relay.port
     yield relay
-    chat.room.ws_port = real_port
+    the_room().ws_port = real_port
     relay.close()

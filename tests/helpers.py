@@ -39,15 +39,30 @@ CHAT_PY = ROOT / "chat.py"
 TOOLS = ROOT / "tools"
 
 
+RUNNING = []  # the servers running_servers() started, the newest last
+
+
+def the_room():
+    """The room of the servers this test runs (the newest running_servers())."""
+    return RUNNING[-1].room
+
+
+def ask_room(coroutine):
+    """chat.ask_room() for the room of the servers this test runs."""
+    return chat.ask_room(the_room(), coroutine)
+
+
 @contextlib.contextmanager
 def running_servers(host="127.0.0.1", **options):
     """The chat on free ports in this process; stopped after the block (unless the test stopped
     it itself, to test stop()), and no thread of it may outlive stop()."""
     threads_before = set(threading.enumerate())
-    servers = chat.Servers(host, 0, 0, **options)
+    servers = chat.Servers(chat.Settings(host=host, port=0, ws_port=0, **options))
+    RUNNING.append(servers)
     try:
         yield servers
     finally:
+        RUNNING.remove(servers)
         if servers.loop_thread.is_alive():  # stop() ends the loop's thread
             servers.stop()
     assert not threads_started_since(threads_before), "a server thread outlived stop()"
@@ -171,9 +186,9 @@ def seed(count, name="seed"):
 
     async def post_all():
         for n in range(1, count + 1):
-            await chat.room.post(name, f"m{n}")
+            await the_room().post(name, f"m{n}")
 
-    chat.ask_room(post_all())
+    ask_room(post_all())
 
 
 def ws_url(servers, path="/", **query):
@@ -473,9 +488,9 @@ def seed_big(count):
 
     async def post_all():
         for _ in range(count):
-            await chat.room.post("big", "😀" * 2000)
+            await the_room().post("big", "😀" * 2000)
 
-    chat.ask_room(post_all())
+    ask_room(post_all())
 
 
 def server_waits_for_a_client(servers):

@@ -40,9 +40,8 @@ def test_a_history_bigger_than_the_write_limit_comes_in_bounded_pieces(server):
     assert [m["id"] for piece in pieces for m in piece["messages"]] == list(range(1, 601))
 
 
-def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_CLIENTS", 3)
-    with running_servers() as servers, contextlib.ExitStack() as stack:
+def test_a_full_room_refuses_the_handshake_with_503_and_http_still_answers():
+    with running_servers(max_clients=3) as servers, contextlib.ExitStack() as stack:
         first = stack.enter_context(joined(servers))[0]
         for _ in range(2):
             stack.enter_context(joined(servers))

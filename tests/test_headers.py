@@ -11,7 +11,7 @@ import logging
 import os
 import socket
 
-import chat
+from parts import fixes
 
 # isort: split
 import pytest
@@ -191,7 +191,7 @@ def random_case(text):
 
 
 media_types = (
-    st.sampled_from(chat.READABLE)
+    st.sampled_from(fixes.READABLE)
     | st.sampled_from(["application/xml", "", "multipart/mixed", "application/json+x"])
 ).flatmap(random_case)
 

@@ -5,7 +5,7 @@ import logging
 import os
 import threading
 
-import chat
+from parts import logs
 
 # isort: split
 
@@ -13,7 +13,7 @@ from tests.helpers import request, wait_until
 
 
 def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
-    chat.log_repeated_errors_once()
+    logs.log_repeated_errors_once()
     token = os.urandom(4).hex()  # a message no earlier test logged
     for _ in range(100):
         logging.getLogger("waitress").warning(f"server accept() threw an exception {token}")
@@ -27,7 +27,7 @@ def test_the_same_error_again_and_again_is_logged_once_per_interval(caplog):
 def test_waitress_task_queue_warnings_come_once_per_interval_not_per_request(
     server, caplog, monkeypatch
 ):
-    monkeypatch.setattr(chat.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
+    monkeypatch.setattr(logs.ONCE_PER_INTERVAL, "last_logged", {})  # as if nothing logged yet
     busy = threading.Event()
     server.loop.call_soon_threadsafe(busy.wait, 10)  # the loop is busy: requests wait for it
     with concurrent.futures.ThreadPoolExecutor(12) as clients:

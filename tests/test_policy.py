@@ -59,7 +59,7 @@ def test_origin_must_be_the_chat_page(bind, host, origin, allowed):
     "name", ["localhost.", "chat.localhost.", "chat.lan.", "LocalHost.", "CHAT.LAN"]
 )
 def test_a_page_opened_at_a_name_with_a_trailing_dot_or_capitals_can_post_and_connect(name):
-    with running_servers(allowed_hosts=["chat.lan"]) as servers:
+    with running_servers(allow_host=["chat.lan"]) as servers:
         origin = f"http://{name}:{servers.port}"
         headers = {"Host": f"{name}:{servers.port}", "Origin": origin}
         status, _, _ = request(servers.port, "POST", "/messages", {"text": "hi"}, headers=headers)

@@ -18,6 +18,7 @@ from tests.helpers import (
     presence_frames,
     receive,
     rename,
+    the_room,
     wait_for_health,
 )
 
@@ -49,7 +50,7 @@ def slow_presence(server, monkeypatch):
 
 def send_presence_now(servers):
     """The end of the interval: the changes waiting go out."""
-    servers.loop.call_soon_threadsafe(chat.room.send_presence)
+    servers.loop.call_soon_threadsafe(the_room().presence.send_presence)
 
 
 def synced(ws):

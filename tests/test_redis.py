@@ -115,7 +115,7 @@ def test_redis_unreachable_at_start_is_one_line_and_exit_2(chat_process):
 
 
 def test_the_default_chat_does_not_import_redis():
-    code = "import sys, chat; s = chat.Servers(port=0, ws_port=0); s.stop(); print('redis' in sys.modules)"
+    code = "import sys, chat; s = chat.Servers(chat.Settings(port=0, ws_port=0)); s.stop(); print('redis' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -4,12 +4,10 @@ which message it was; a bad ref is refused naming the rule.
 
 import json
 
-import chat
-
 # isort: split
 import pytest
 
-from tests.helpers import get, joined, post, receive, stored_texts
+from tests.helpers import get, joined, post, receive, stored_texts, the_room
 
 
 def test_a_repeated_ref_gets_the_stored_message_back_and_stores_nothing(server):
@@ -53,4 +51,4 @@ def test_a_ref_is_forgotten_with_its_message(small_server):
     for n in range(3):  # the room keeps 3: "old" and its ref are gone
         post(small_server.port, "/messages", {"text": f"new {n}"})
     assert post(small_server.port, "/messages", {"text": "again", "ref": "r"})[0] == 201
-    assert len(chat.room.refs) == 1
+    assert len(the_room().history.refs) == 1

@@ -9,6 +9,7 @@ import os
 import signal
 
 import chat
+from parts import access
 
 # isort: split
 import pytest
@@ -20,6 +21,8 @@ from tests.helpers import (
     PUBLIC,
     QR_HALVES,
     ROOM_KEY,
+    RUNNING,
+    ask_room,
     free_port,
     qr_lines,
     raw_handshake,
@@ -31,6 +34,7 @@ from tests.helpers import (
     seed,
     shows_qr_code_of,
     texts,
+    the_room,
     ws_url,
 )
 
@@ -46,7 +50,7 @@ def with_key(way, key=ROOM_KEY):
     return {
         "query": ("?key=" + key, {}),
         "bearer": ("", {"Authorization": f"Bearer {key}"}),
-        "cookie": ("", {"Cookie": f"other=1; {chat.policy.cookie_name()}={key}"}),
+        "cookie": ("", {"Cookie": f"other=1; {RUNNING[-1].policy.cookie_name()}={key}"}),
     }[way]
 
 
@@ -76,7 +80,7 @@ def test_without_the_key_every_route_but_health_is_refused_saying_how_to_get_in(
     else:
         assert status == 401 and content_type.startswith("application/json")
         assert "open the link the chat printed" in json.loads(body)["errors"]["key"]
-    assert [m["text"] for m in chat.ask_room(chat.room.fetch(0, 100))] == []
+    assert [m["text"] for m in ask_room(the_room().fetch(0, 100))] == []
 
 
 @pytest.mark.parametrize("way, key", WITHOUT_THE_KEY)
@@ -122,7 +126,7 @@ def test_the_link_sets_an_httponly_lax_cookie_and_redirects_to_the_page_without_
     answer = request(keyed_server.port, "GET", f"/chat?name=sam&key={ROOM_KEY}")
     assert answer.status == 303 and answer.headers["Location"] == "/chat?name=sam"
     cookie = answer.headers["Set-Cookie"]
-    assert cookie.startswith(f"{chat.policy.cookie_name()}={ROOM_KEY};")
+    assert cookie.startswith(f"{RUNNING[-1].policy.cookie_name()}={ROOM_KEY};")
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Path=/" in cookie
     assert "Secure" not in cookie  # plain http: a Secure cookie would never come back
 
@@ -250,7 +254,7 @@ def test_a_room_key_from_the_environment_is_the_key_and_stays_off_the_command_li
 def test_a_key_the_chat_makes_can_be_given_back_with_key_to_keep_the_link(monkeypatch):
     """A random key may begin with "-", and then `--key KEY` reads it as another option."""
     keys = iter(["-begins-with-a-dash-0", "a-room-key-with-no-dash"])
-    monkeypatch.setattr(chat.secrets, "token_urlsafe", lambda _: next(keys))
+    monkeypatch.setattr(access.secrets, "token_urlsafe", lambda _: next(keys))
     made = chat.parse_args(["--host", "0.0.0.0"]).key
     assert chat.parse_args(["--host", "0.0.0.0", "--key", made]).key == made
 
@@ -288,7 +292,7 @@ def test_browser_locked_out_the_banner_says_to_open_the_new_link_and_then_what_w
 def test_another_cookie_of_the_host_does_not_hide_the_room_key(keyed_server, other):
     # Cookies are per host, not per port: other pages on localhost or the LAN address set
     # theirs, and http.cookies stopped reading at the first one it could not parse.
-    cookie = {"Cookie": f"{other}; {chat.policy.cookie_name()}={ROOM_KEY}"}
+    cookie = {"Cookie": f"{other}; {RUNNING[-1].policy.cookie_name()}={ROOM_KEY}"}
     assert request(keyed_server.port, "GET", "/config", headers=cookie).status == 200
     with connect(ws_url(keyed_server), open_timeout=5, additional_headers=cookie) as ws:
         assert receive(ws, "history")["type"] == "history"

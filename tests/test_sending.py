@@ -7,12 +7,12 @@ import base64
 import json
 import os
 
-import chat
+from parts import sending
 
 # isort: split
 from websockets.asyncio.server import serve
 
-from tests.helpers import get, joined, post, receive, run_async, silent_client
+from tests.helpers import ask_room, get, joined, post, receive, run_async, silent_client, the_room
 
 
 def read_frame(stream):
@@ -28,7 +28,7 @@ def read_frame(stream):
 
 def client_connection(name):
     """The server's side of the client called `name`; only for code running in the loop."""
-    return next(connection for connection, who in chat.room.clients.items() if who == name)
+    return next(connection for connection, who in the_room().clients.items() if who == name)
 
 
 def test_nothing_is_sent_after_the_close_frame_of_a_shutdown(server):
@@ -64,7 +64,7 @@ def test_a_message_does_not_cut_into_a_fragmented_message_being_sent(server):
         return go_on, sent
 
     with joined(server, name="fragments") as (ws, _):
-        go_on, sent = chat.ask_room(start_fragmented_send())
+        go_on, sent = ask_room(start_fragmented_send())
         assert post(server.port, "/messages", {"text": "posted in between"})[0] == 201
         server.loop.call_soon_threadsafe(go_on.set)
         while (frame := ws.recv(timeout=5)).startswith("{"):
@@ -96,7 +96,7 @@ def test_a_client_that_negotiated_compression_gets_compressed_frames():
                 "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n".encode()
             )
             assert b"permessage-deflate" in await reader.readuntil(b"\r\n\r\n")
-            chat.send_prepared(
+            sending.send_prepared(
                 [await connected], json.dumps({"type": "message", "text": "x" * 1000})
             )
             head = await reader.readexactly(2)

@@ -11,6 +11,7 @@ import chat
 # isort: split
 
 from tests.helpers import (
+    ask_room,
     get,
     joined,
     post,
@@ -22,6 +23,7 @@ from tests.helpers import (
     seed_big,
     silent_client,
     stalled_resume,
+    the_room,
     wait_for_health,
     wait_until,
 )
@@ -33,9 +35,9 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
 
     async def post_batch():
         for _ in range(batch):
-            await chat.room.post("bulk", text)
+            await the_room().post("bulk", text)
             peak[0] = max(
-                peak[0], *(c.transport.get_write_buffer_size() for c in chat.room.clients)
+                peak[0], *(c.transport.get_write_buffer_size() for c in the_room().clients)
             )
 
     def ids(frames):
@@ -53,7 +55,7 @@ def test_a_reader_that_stops_reading_is_dropped_and_the_others_get_everything(se
     with silent_client(server.ws_port), joined(server, name="reader") as (reader, _):
         frames = []
         for _ in range(total // batch):  # the reader reads each batch before the next
-            chat.ask_room(post_batch())
+            ask_room(post_batch())
             frames += receive_until(
                 reader, lambda new: len(ids(new)) == batch, ("message", "presence"), timeout=10
             )

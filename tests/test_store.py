@@ -7,13 +7,14 @@ import contextlib
 import json
 import sqlite3
 
-import chat
+from parts import sqlite_history
 
 # isort: split
 import pytest
 from websockets.sync.client import connect
 
 from tests.helpers import (
+    ask_room,
     assert_everyone_got,
     chat_from_everywhere,
     get,
@@ -24,6 +25,7 @@ from tests.helpers import (
     running_servers,
     seed,
     stored_texts,
+    the_room,
     ws_url,
 )
 
@@ -101,7 +103,7 @@ def test_the_store_file_is_bounded_by_history(tmp_path):
         seed(250)
     with contextlib.closing(sqlite3.connect(tmp_path / "room.db")) as db:
         ids = [row[0] for row in db.execute("SELECT id FROM messages ORDER BY id")]
-    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + chat.HistoryFile.TRIM_EVERY
+    assert ids[-3:] == [248, 249, 250] and len(ids) <= 3 + sqlite_history.HistoryFile.TRIM_EVERY
 
 
 def test_guest_numbers_go_on_over_a_restart(chat_process, tmp_path):
@@ -152,9 +154,9 @@ def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_
     with running_servers(store=str(tmp_path / "room.db")) as servers:
 
         async def twice():
-            return await asyncio.gather(*(chat.room.post("ann", "once", "r") for _ in range(2)))
+            return await asyncio.gather(*(the_room().post("ann", "once", "r") for _ in range(2)))
 
-        (first, stored_now), (again, stored_again) = chat.ask_room(twice())
+        (first, stored_now), (again, stored_again) = ask_room(twice())
         assert (stored_now, stored_again) == (True, False) and again == first
         assert stored_texts(servers.port) == ["once"]
 
@@ -162,7 +164,7 @@ def test_a_ref_sent_again_while_its_message_is_being_written_is_stored_once(tmp_
 def test_a_store_that_cannot_write_refuses_the_message_and_keeps_serving(tmp_path):
     with running_servers(store=str(tmp_path / "room.db")) as servers:
         assert post(servers.port, "/messages", {"text": "before"})[0] == 201
-        db = chat.room.file.db  # the writer's own connection: no write is under way now
+        db = the_room().history.file.db  # the writer's own connection: no write is under way now
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         db.execute(f"PRAGMA max_page_count = {pages}")  # a full disk, as SQLite sees it
         with joined(servers) as (ws, _):

@@ -194,10 +194,9 @@ def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_ch
     expect(texts(page)).to_have_text([f"burst {n}" for n in range(30)], timeout=20_000)
 
 
-def test_a_full_room_says_retry_after_on_the_handshake(monkeypatch):
-    monkeypatch.setattr(chat, "MAX_CLIENTS", 1)
+def test_a_full_room_says_retry_after_on_the_handshake():
     with (
-        running_servers() as servers,
+        running_servers(max_clients=1) as servers,
         joined(servers),
         pytest.raises(websockets.exceptions.InvalidStatus) as refused,
         connect(ws_url(servers), open_timeout=5),

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 
-import chat
+from parts import voices
 
 # isort: split
 import pytest
@@ -31,6 +31,7 @@ from tests.helpers import (
     request,
     run_async,
     stored_texts,
+    the_room,
     wait_until,
 )
 
@@ -157,7 +158,7 @@ def without_refill(monkeypatch):
     """The running room's limits per address refill one message in 1000 s: within a test an
     address gets its burst and no more, however slow the machine (and a refill in between
     cannot hide a limit that is not there)."""
-    monkeypatch.setattr(chat.room.message_buckets, "per_second", 0.001)
+    monkeypatch.setattr(the_room().message_buckets, "per_second", 0.001)
 
 
 async def send_and_wait_for_answers(ws, count, name):
@@ -222,7 +223,7 @@ def presence_bytes_bound(seconds):
     """The most presence an address that joins in a loop may cost another client: each join it
     is let in for and its leave, at most 40 bytes each, and a frame's own 60 bytes at most every
     PRESENCE_EVERY; "a few KB" for 5 s."""
-    joins = chat.JOIN_BURST + chat.JOINS_PER_SECOND * seconds
+    joins = voices.JOIN_BURST + voices.JOINS_PER_SECOND * seconds
     return 2 * joins * 40 + (seconds / PRESENCE_EVERY + 2) * 60
 
 
@@ -255,7 +256,7 @@ def test_an_address_connecting_in_a_loop_for_5_s_costs_others_only_a_few_kb_of_p
 
 def test_past_100_connections_an_address_is_refused_while_another_address_still_joins(server):
     async def run():
-        clients = [await connect_from(server, "127.0.4.8") for _ in range(chat.MAX_PER_ADDRESS)]
+        clients = [await connect_from(server, "127.0.4.8") for _ in range(voices.MAX_PER_ADDRESS)]
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             await connect_from(server, "127.0.4.8")
         async with connect_from(server, "127.0.4.9") as other:

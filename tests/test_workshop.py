@@ -356,7 +356,11 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
 # Each step is started as a process, as the reader starts it, and checked for what it teaches.
 
 STEPS = CHAT_PY.parent / "steps"
-QUOTED = [CHAT_PY, CHAT_PY.with_name("redis_room.py"), *sorted(STEPS.glob("step*.py"))]
+QUOTED = [
+    CHAT_PY,
+    *sorted(CHAT_PY.with_name("parts").glob("*.py")),
+    *sorted(STEPS.glob("step*.py")),
+]
 
 
 def readme_python_blocks():
@@ -384,7 +388,7 @@ def test_readme_quotes_steps_1_and_2_whole():
 
 
 def defined_names():
-    """Top-level names (functions, classes, constants, imports) of chat.py, redis_room.py and
+    """Top-level names (functions, classes, constants, imports) of chat.py, parts/ and
     the steps, and `Class.attribute` for what their classes define."""
     names = set()
     for path in QUOTED:

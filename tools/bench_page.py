@@ -52,7 +52,7 @@ addEventListener("DOMContentLoaded", () => {
 """
 
 
-def post(count, start, every=0.0):
+def post(room, count, start, every=0.0):
     """Posts messages start+1 .. start+count into the room, one every `every` seconds."""
     began = time.perf_counter()
     for n in range(start + 1, start + count + 1):
@@ -60,7 +60,7 @@ def post(count, start, every=0.0):
             wait = began + (n - start - 1) * every - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-        chat.ask_room(chat.room.post("load", f"{n} {time.time() * 1000:.0f}"))
+        chat.ask_room(room, room.post("load", f"{n} {time.time() * 1000:.0f}"))
 
 
 def wait_drawn(page, n, timeout=600):
@@ -86,18 +86,18 @@ def open_page(browser, servers):
 
 def per_append(browser, levels):
     """Milliseconds of main thread per message, at each level of messages received."""
-    servers = chat.Servers("127.0.0.1", 0, 0, history=1000)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0, history=1000))
     context, page, cdp = open_page(browser, servers)
     try:
         costs, received = {}, 0
         for level in levels:
             while received < level - WINDOW:  # fill up, in bursts the page draws together
                 burst = min(100, level - WINDOW - received)
-                post(burst, received)
+                post(servers.room, burst, received)
                 received += burst
                 wait_drawn(page, received)
             before = main_thread_seconds(cdp)
-            post(WINDOW, received, every=0.02)
+            post(servers.room, WINDOW, received, every=0.02)
             received += WINDOW
             wait_drawn(page, received)
             costs[level] = (main_thread_seconds(cdp) - before) * 1000 / WINDOW
@@ -109,11 +109,11 @@ def per_append(browser, levels):
 
 def lag(browser, rate, seconds):
     """Worst lag (s), and the last message's: how far behind the page is when the load stops."""
-    servers = chat.Servers("127.0.0.1", 0, 0, history=1000)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0, history=1000))
     context, page, _ = open_page(browser, servers)
     try:
         count = rate * seconds
-        post(count, 0, 1 / rate)
+        post(servers.room, count, 0, 1 / rate)
         wait_drawn(page, count)
         lags = [lag for lag in page.evaluate("lags") if lag is not None]  # a page may skip some
         return {

@@ -32,7 +32,7 @@ CONVERSATION = [
 
 
 def make_screenshot(browser, output):
-    servers = chat.Servers("127.0.0.1", 0, 0)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0))
     contexts = []
     try:
         pages = {}
@@ -66,7 +66,7 @@ SAY = """(text) => {
 
 def make_engine_screenshots(engine, directory):
     """The conversation in `engine`, as alice sees it, at each of SIZES; returns the files."""
-    servers = chat.Servers("127.0.0.1", 0, 0)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0))
     tabs, made = {}, []
     try:
         for name in ("bob", "alice"):
@@ -116,7 +116,7 @@ PHONE = {"viewport": {"width": 375, "height": 667}, "is_mobile": True, "has_touc
 
 def make_workshop_screenshots(browser, directory):
     """Code in messages and a right-to-left name, as alice sees them on a laptop and a phone."""
-    servers = chat.Servers("127.0.0.1", 0, 0)
+    servers = chat.Servers(chat.Settings(port=0, ws_port=0))
     contexts = []
     try:
         pages = {}

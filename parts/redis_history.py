@@ -1,16 +1,14 @@
-"""The room in Redis, so that several chat.py processes are one chat room.
+"""The history in Redis (--redis URL), so that several chat.py processes are one chat room.
 
     python chat.py --redis redis://127.0.0.1:6379/0 --port 8000 --ws-port 8765
     python chat.py --redis redis://127.0.0.1:6379/0 --port 8001 --ws-port 8766
 
-chat.py imports this module only when --redis is given, and hands it what it needs (its Room,
-RoomUnavailable and utc_now) rather than this module importing chat: run as a script, chat.py
-is `__main__`, and `import chat` would load a second copy of it, with a second, empty room.
-RedisRoom is chat.py's Room with one difference: post() stores the message in Redis instead of delivering it. Redis then
-publishes it to every process, and each delivers it to its own clients with the same
-Room.deliver() that the single process uses. So everything else in chat.py (history on
-join, `since`, GET /messages) works unchanged, from a local copy of the history that
-every process keeps in the same order.
+chat.py imports this module only when --redis is given: the default chat needs neither Redis
+nor its client. RedisHistory is the in-process list with one difference: add() stores the
+message in Redis instead of keeping it. Redis then publishes it to every process, and each
+keeps it and delivers it to its own clients with the same History.deliver() that the single
+process uses. So everything else (history on join, `since`, GET /messages) works unchanged,
+from a local copy of the history that every process keeps in the same order.
 
 Order: a Lua script takes the next id (INCR), keeps the message (RPUSH, LTRIM) and
 publishes it (PUBLISH) in one step that Redis runs atomically, so messages are published
@@ -21,6 +19,8 @@ id is used twice. Presence (who is online) and guest numbers are per process.
 
 A message's `ref` is looked up and kept in the same script (a hash from ref to message,
 pruned with the list), so a message sent again to another process is still stored once.
+Guarantees: those of every history (parts/history.py), across processes; Redis away is a
+RoomUnavailable (a 503, or an error frame with retry_after), never a lost or doubled message.
 """
 
 import asyncio
@@ -28,6 +28,9 @@ import contextlib
 import json
 
 import redis.asyncio as redis
+
+from parts.errors import RoomUnavailable
+from parts.history import History
 
 ROOM_ID, LAST_ID, MESSAGES, CHANNEL = "chat:room", "chat:last_id", "chat:messages", "chat:messages"
 REFS = "chat:refs"
@@ -70,30 +73,28 @@ return redis.call('GET', KEYS[1])
 """
 
 
-async def open_room(url, history, loop, ws_port, *, base, unavailable, utc_now):
-    """A started room in Redis: RedisRoom's methods over chat.py's Room (`base`)."""
-    room_class = type("RedisRoom", (RedisRoom, base), {})  # as `class RedisRoom(RedisRoom, base)`
-    room = room_class(url, history, loop, ws_port)
-    room.unavailable, room.utc_now = unavailable, utc_now
-    try:
-        await room.start()
-    except (redis.RedisError, OSError) as error:
-        await room.close()
-        raise unavailable(f"cannot reach Redis at {url}: {error}") from None
-    return room
+class RedisHistory(History):
+    """The in-process list, stored in Redis first and kept here when Redis publishes it."""
 
-
-class RedisRoom:
-    """What the room in Redis does differently; open_room() puts it over chat.py's Room."""
-
-    def __init__(self, url, history, loop, ws_port):
-        super().__init__(history, loop, ws_port)
+    def __init__(self, url, history):
+        super().__init__(history)
+        self.url = url
         self.history_size = history
         self.redis = redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         self.store_and_publish = self.redis.register_script(STORE_AND_PUBLISH)
         self.restore_script = self.redis.register_script(RESTORE)
         self.pubsub = self.redis.pubsub()
         self.listener = None
+
+    async def open(self, send_to_all):
+        """Started, or RoomUnavailable if Redis cannot be reached; guests are per process."""
+        await super().open(send_to_all)
+        try:
+            await self.start()
+        except (redis.RedisError, OSError) as error:
+            await self.close()
+            raise RoomUnavailable(f"cannot reach Redis at {self.url}: {error}") from None
+        return 0
 
     async def start(self):
         """Subscribe first, then load the kept messages: nothing can fall in between."""
@@ -112,15 +113,13 @@ class RedisRoom:
         )
         self.room_id = room_id.decode()
 
-    async def post(self, name, text, ref=None):
+    async def add(self, message, guests):
         """Store in Redis; the message reaches everyone here when Redis publishes it.
 
         Returns the stored message and True, or for a repeated ref the one stored before and False.
         """
-        message = {"type": "message", "id": 0, "name": name, "text": text, "ts": self.utc_now()}
-        if ref is not None:
-            message["ref"] = ref
-        before, after = json.dumps(message, ensure_ascii=False).split('"id": 0', 1)
+        ref = message.get("ref")
+        before, after = json.dumps(message, ensure_ascii=False).split('"id": null', 1)
         try:
             for _ in range(2):
                 stored = await self.store_and_publish(
@@ -133,7 +132,7 @@ class RedisRoom:
                 await self.restore()  # the room's keys are gone: Redis restarted without its data
         except (redis.RedisError, OSError):
             pass
-        raise self.unavailable("the chat cannot store messages right now: try again soon")
+        raise RoomUnavailable("the chat cannot store messages right now: try again soon")
 
     async def listen(self):
         """Deliver what Redis publishes, in id order.
@@ -167,13 +166,12 @@ class RedisRoom:
             if message["id"] > self.last_id:
                 self.deliver(message)
 
-    async def health(self):
-        answer = await super().health()
+    async def healthy(self):
         try:
             await self.redis.ping()
         except (redis.RedisError, OSError):
-            answer["status"] = "degraded"
-        return answer
+            return False
+        return True
 
     async def close(self):
         if self.listener:
