@@ -14,12 +14,12 @@ import signal
 import pytest
 
 from tests.helpers import (
-    ask_room,
     AXE,
     CODE_MESSAGE,
     PHONE,
     RTL_NAME,
     RTL_TEXT,
+    ask_room,
     free_port,
     joined,
     post,
