@@ -87,6 +87,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from parts import names
+
 try:
     import resource  # Unix only: on Windows there is no descriptor limit to raise
 except ImportError:
@@ -584,18 +586,18 @@ def clean_text(value):
 
 
 def clean_name(value):
-    """A display name that shows what it is: no control or format characters, something
-    visible, no pile of combining marks. NFC, so "é" is one character however it was typed."""
+    """A display name as parts/names.py allows and stores it: the PRECIS nickname rules,
+    Unicode's emoji sequences, 1 to MAX_NAME characters. NFC first, so "é" is one character
+    however it was typed."""
     if isinstance(value, str):
         value = unicodedata.normalize("NFC", value)
     name = trimmed(value, "name", MAX_NAME)
-    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):
-        raise BadInput("name has control characters")  # a newline in the online list helps nobody
-    check_format_characters(name)
-    if all(is_invisible(c) for c in name):
-        raise BadInput("name shows nothing: it has only white space, invisible or combining marks")
-    if longest_run_of_marks(name) > MAX_MARKS:
-        raise BadInput(f"name has more than {MAX_MARKS} combining marks in a row")
+    try:
+        name = names.checked(name)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    if len(name) > MAX_NAME:  # NFKC can lengthen a name: "\ufdfa" becomes 18 letters
+        raise BadInput(f"name is longer than {MAX_NAME} characters")
     return name
 
 
@@ -1544,50 +1546,11 @@ def store_error(error):
 
 # Names belong to people: what a name may hold (skip on a first reading) ..................
 
-# Format characters (Unicode Cf) draw nothing and change how what follows them is drawn:
-# U+202E reverses the rest of the line, U+200B is a name of nothing. Only the joiners stay,
-# inside a word: Persian needs U+200C, emoji such as 👩‍💻 need U+200D.
-JOINERS = "\u200c\u200d"
-# Draw nothing, though Unicode does not call them format characters: fillers and a blank,
-# which make "bob" and "bob\u3164" two names that look the same.
-BLANKS = "\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5"
-# Combining marks pile up above or below the letter before them: 31 drew over the messages
-# next to the name. A few in a row are real writing, after NFC: Thai needs 2, pointed
-# Hebrew and Tibetan stacks 3.
-MAX_MARKS = 3
-
-
-def check_format_characters(name):
-    for i, c in enumerate(name):
-        if unicodedata.category(c) != "Cf" and c not in BLANKS:
-            continue
-        inside_a_word = 0 < i < len(name) - 1 and not any(
-            n.isspace() or unicodedata.category(n) == "Cf" for n in (name[i - 1], name[i + 1])
-        )
-        if c not in JOINERS or not inside_a_word:
-            raise BadInput(
-                f"name has an invisible format character (U+{ord(c):04X}, "
-                f"{unicodedata.name(c, 'unnamed')}): bidi controls and the like are not allowed"
-            )
-
-
-def is_invisible(c):
-    """True if the character draws nothing by itself (a mark needs a letter to sit on)."""
-    return c.isspace() or unicodedata.category(c) in ("Cf", "Mn", "Me", "Mc")
-
-
-def longest_run_of_marks(name):
-    run = longest = 0
-    for c in name:
-        run = run + 1 if unicodedata.category(c) in ("Mn", "Me") else 0
-        longest = max(longest, run)
-    return longest
-
 
 def name_key(name):
-    """What makes two names the same name to people: "Bob", "BOB" and "ｂｏｂ" are one,
-    and so are "bob" and "b\u200cob" (a joiner shows nothing between two letters)."""
-    return unicodedata.normalize("NFKC", name).casefold().translate({ord(c): None for c in JOINERS})
+    """What makes two names the same name to people: "Bob", "BOB", "ｂｏｂ" and Cyrillic
+    "ВОВ" are one (UTS #39's confusable skeleton, case folded; see parts/names.py)."""
+    return names.same_name_key(name)
 
 
 # Who may talk to the chat: one policy for HTTP and websockets (skip on a first reading) ...
