@@ -59,22 +59,13 @@ def checked(name):
     """The name as stored and shown, or ValueError saying why it is not allowed."""
     if STAND_IN in name:
         raise ValueError(f"name has {described(STAND_IN)}, which stands for a missing picture")
-    matches = [match for match in emoji.emoji_list(name) if is_rgi(match)]
-    emoji_sequences = [match["emoji"] for match in matches]
-    text, end = "", 0
-    for match in matches:
-        text += name[end : match["match_start"]] + STAND_IN
-        end = match["match_end"]
-    text += name[end:]
+    text, emoji_sequences = emoji_set_aside(name)
     try:
         text = NICKNAME.enforce(text)
     except UnicodeEncodeError as error:
         raise ValueError(refusal(error, text)) from None
-    pieces = text.split(STAND_IN)
-    stored = pieces[0] + "".join(
-        e + piece for e, piece in zip(emoji_sequences, pieces[1:], strict=True)
-    )
     check_marks(text)
+    stored = emoji_put_back(text, emoji_sequences)
     if not same_name_key(stored):
         raise ValueError("name shows nothing: only characters that draw nothing")
     return stored
@@ -83,6 +74,23 @@ def checked(name):
 def same_name_key(name):
     """Equal for two names that look alike (UTS #39 skeleton, case folded, NFKC)."""
     return disarm.skeleton_key(name, digit_policy="tr39")
+
+
+def emoji_set_aside(name):
+    """The name with a STAND_IN for each emoji sequence Unicode recommends, and the sequences."""
+    matches = [match for match in emoji.emoji_list(name) if is_rgi(match)]
+    text, end = "", 0
+    for match in matches:
+        text += name[end : match["match_start"]] + STAND_IN
+        end = match["match_end"]
+    return text + name[end:], [match["emoji"] for match in matches]
+
+
+def emoji_put_back(text, emoji_sequences):
+    pieces = text.split(STAND_IN)
+    return pieces[0] + "".join(
+        sequence + piece for sequence, piece in zip(emoji_sequences, pieces[1:], strict=True)
+    )
 
 
 def is_rgi(match):
