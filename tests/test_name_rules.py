@@ -2,7 +2,6 @@
 websocket joins and renames) and, where that reads clearer, parts/names.py itself."""
 
 import itertools
-import json
 import unicodedata
 
 import pytest
@@ -10,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parts import names
-from test_chat import get, joined, post, receive, running_servers
+from test_chat import get, joined, post, receive, rename, running_servers
 
 ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
 SCOTLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
@@ -28,15 +27,12 @@ def server():
 
 
 def posted_name(server, name):
-    """The status of a post under `name`, and the name the room stored (None if refused)."""
+    """A post under `name`: 201 and the name as the room stored it, or the status and the
+    error that names the rule."""
     status, body = post(
         server.port, "/messages", {"name": name, "text": "hi"}, source=next(addresses)
     )
     return status, body.get("name") if status == 201 else body["errors"]["name"]
-
-
-def rename(ws, name):
-    ws.send(json.dumps({"type": "name", "name": name}))
 
 
 # --- Two names that look alike are one name ----------------------------------------------
