@@ -47,13 +47,12 @@ import waitress
 from websockets.asyncio.server import broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from parts import access, voices
+from parts import access, names, voices
 from parts.access import POLICY, Policy, url_host
 from parts.errors import RETRY_AFTER, BadInput, NameTaken, RoomUnavailable, TooFast
 from parts.fixes import close_websockets, request_host, stop_waitress, without_nulls
 from parts.history import History
 from parts.logs import log_repeated_errors_once
-from parts.names import check_shown, name_key
 from parts.sending import connection_limits, raise_fd_limit, send_prepared
 from parts.voices import Buckets, ChatConnection, check_request, voice_of
 
@@ -114,7 +113,7 @@ class Room:
         self.join_buckets = Buckets(voices.JOIN_BURST, voices.JOINS_PER_SECOND)
         self.connections_from = collections.Counter()  # client address -> open websockets
         # Who goes by which name, for everyone in the room or joining it (see hold_name())
-        self.names = {}  # connection -> (client address, name_key(name))
+        self.names = {}  # connection -> (client address, names.same_name_key(name))
         self.holders = collections.defaultdict(collections.Counter)  # name key -> address -> count
 
     async def open(self):
@@ -200,7 +199,7 @@ class Room:
     def guest_name(self):
         """The next guest-N that nobody goes by."""
         self.guests += 1
-        while name_key(f"guest-{self.guests}") in self.holders:
+        while names.same_name_key(f"guest-{self.guests}") in self.holders:
             self.guests += 1
         return f"guest-{self.guests}"
 
@@ -222,11 +221,11 @@ class Room:
         """Let this connection go by `name` (returned), unless someone else holds it online.
 
         As IRC refuses a nick in use: "someone else" is another client address, so one
-        person's two tabs (one address) may share a name. Names are compared by name_key():
-        "Bob" is taken when "bob" is. Held from the join until the connection goes; with
-        --redis, among the clients of this process.
+        person's two tabs (one address) may share a name. Names are compared by
+        names.same_name_key(): "Bob" and Cyrillic "ВОВ" are taken when "bob" is. Held from
+        the join until the connection goes; with --redis, among the clients of this process.
         """
-        address, key = connection.address, name_key(name)
+        address, key = connection.address, names.same_name_key(name)
         self.check_name_is_free(name, address)
         self.let_go_of_name(connection)
         self.names[connection] = address, key
@@ -235,7 +234,7 @@ class Room:
 
     def check_name_is_free(self, name, address):
         """NameTaken if a client at another address than `address` goes by `name`."""
-        if set(self.holders.get(name_key(name), ())) - {address}:
+        if set(self.holders.get(names.same_name_key(name), ())) - {address}:
             raise NameTaken(name)
 
     def let_go_of_name(self, connection):
@@ -362,12 +361,18 @@ def clean_text(value):
 
 
 def clean_name(value):
-    """A display name that shows what it is (parts/names.py). NFC, so "é" is one character
+    """A display name as parts/names.py allows and stores it: the PRECIS nickname rules,
+    Unicode's emoji sequences, 1 to MAX_NAME characters. NFC first, so "é" is one character
     however it was typed."""
     if isinstance(value, str):
         value = unicodedata.normalize("NFC", value)
     name = trimmed(value, "name", MAX_NAME)
-    check_shown(name)
+    try:
+        name = names.checked(name)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    if len(name) > MAX_NAME:  # NFKC can lengthen a name: "\ufdfa" becomes 18 letters
+        raise BadInput(f"name is longer than {MAX_NAME} characters")
     return name
 
 

@@ -113,10 +113,10 @@ def test_a_name_is_held_from_the_handshake_while_its_history_still_comes(big_roo
         ("ali\u2066ce", "format character (U+2066"),  # a bidi isolate
         ("\u200b", "format character (U+200B"),  # zero width space
         ("\u200dbob", "format character (U+200D"),  # a joiner outside a word
-        ("bob\u3164", "format character (U+3164"),  # a Hangul filler: "bob" to the eye
-        (" \u0301\u0302 ", "name shows nothing"),  # marks with no letter
-        ("x" + "\u0301\u0302\u0303\u0304\u0305", "more than 3 combining marks in a row"),
-        ("a" + "\u0300" * 31, "more than 3 combining marks in a row"),
+        ("bob\u3164", "(U+3164, HANGUL FILLER)"),  # a Hangul filler: "bob" to the eye
+        (" \u0301\u0302 ", "begins with a combining mark"),  # marks with no letter
+        ("x" + "\u0301\u0302\u0303\u0304\u0305", "more than 4 combining marks in a row"),
+        ("a" + "\u0300" * 31, "the same mark twice in a row"),
         ("bo\u2028b", "control characters"),  # a line separator
     ],
 )
