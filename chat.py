@@ -107,6 +107,7 @@ BURST, PER_SECOND = 20, 10  # rate limit of each client address: its websockets 
 
 # One voice per client address (see Room.check_rate() and check_request())
 MAX_PER_ADDRESS = 100  # websocket connections open at once from one address: an office's NAT fits
+CATCHING_UP_PER_ADDRESS = 4  # connections of one address sent a long history at once; others wait
 JOIN_BURST, JOINS_PER_SECOND = 100, 2  # handshakes one address may make at once, then a second
 MAX_ADDRESSES = 10_000  # addresses whose buckets the room remembers; the least recent is forgotten
 
@@ -127,6 +128,7 @@ RETRY_AFTER = 1  # seconds a client waits before sending again what the room cou
 
 # Headroom (see "Limits with headroom" below)
 MAX_QUEUED = 1024 * 1024  # bytes waiting for a client that does not read; then it is dropped
+SEND_BUFFER = 128 * 1024  # bytes of the kernel's send buffer per websocket (Linux doubles it)
 MAX_CLIENTS = 10_000  # websocket connections at most; fewer if the descriptor limit is lower
 HTTP_CONNECTIONS = 1000  # open HTTP connections at most; fewer if the descriptor limit is lower
 FD_RESERVED = 64  # descriptors for everything else: listening sockets, pipes, Redis, log files
@@ -171,6 +173,7 @@ class Room:
         self.message_buckets = Buckets(BURST, PER_SECOND)
         self.join_buckets = Buckets(JOIN_BURST, JOINS_PER_SECOND)
         self.connections_from = collections.Counter()  # client address -> open websockets
+        self.catch_up_turns = Turns(CATCHING_UP_PER_ADDRESS)  # see send_all_but_the_last_piece()
         # Who goes by which name, for everyone in the room or joining it (see hold_name())
         self.names = {}  # connection -> (client address, name_key(name))
         self.holders = collections.defaultdict(collections.Counter)  # name key -> address -> count
@@ -228,13 +231,22 @@ class Room:
         them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
         (see ChatConnection.catching_up()). Messages posted meanwhile are kept, so a later
         piece has them; the last piece is the one that reaches the newest message.
+
+        A client that never reads holds a piece and a kernel buffer for PING_TIMEOUT, and can
+        come straight back: so one address has CATCHING_UP_PER_ADDRESS turns, and its other
+        connections with more than a piece to catch up wait for one, before anything is sent.
         """
-        with connection.catching_up():
-            piece = self.messages_since(since, HISTORY_PIECE)
-            while piece and piece[-1]["id"] < self.last_id:
-                await connection.send_in_time(self.history_frame(name, piece, more=True))
-                await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
-                piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
+        piece = self.messages_since(since, HISTORY_PIECE)
+        if not (piece and piece[-1]["id"] < self.last_id):
+            return piece  # one piece: it goes out with the count-in, nothing to wait for
+        address = voice_of(client_address(connection))
+        async with self.catch_up_turns.turn(address):
+            with connection.catching_up():
+                piece = self.messages_since(since, HISTORY_PIECE)  # the room went on meanwhile
+                while piece and piece[-1]["id"] < self.last_id:
+                    await connection.send_in_time(self.history_frame(name, piece, more=True))
+                    await asyncio.sleep(0)  # send() waits only for a slow client: let others in
+                    piece = self.messages_since(piece[-1]["id"], HISTORY_PIECE)
         return piece
 
     def history_frame(self, name, piece, more):
@@ -716,6 +728,31 @@ class Buckets:
 
     def take(self, address):
         return self.get(address).take()
+
+
+class Turns:
+    """At most `size` holders of a turn per key at once; the others wait for one, in order.
+
+    A key's semaphore is made for its first holder or waiter and forgotten with its last,
+    so the keys remembered are only those in use now.
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self.semaphores = {}  # key -> asyncio.Semaphore(size)
+        self.users = collections.Counter()  # key -> its holders and waiters
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key):
+        semaphore = self.semaphores.setdefault(key, asyncio.Semaphore(self.size))
+        self.users[key] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            self.users[key] -= 1
+            if not self.users[key]:
+                del self.users[key], self.semaphores[key]
 
 
 # --- The HTTP routes (hug) ---------------------------------------------------------------
@@ -2001,8 +2038,17 @@ class ChatConnection(ServerConnection):
     def connection_made(self, transport):
         """Close a TCP connection at once past max_connections (clients and handshakes under
         way): connections that never send a handshake must not take the descriptors that
-        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request).
+
+        And cap what the kernel holds for it: it takes up to net.ipv4.tcp_wmem's maximum
+        (4 MB on Linux) from a client that reads nothing, past asyncio's write limit, and an
+        empty write buffer does not mean the client took the bytes. SO_SNDBUF caps it at
+        twice SEND_BUFFER (Linux counts its own overhead in), and turns off its autotuning.
+        """
         super().connection_made(transport)
+        with contextlib.suppress(OSError):  # a connection already gone: nothing to hold
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         closing = self.server.close_task is not None  # see close_websockets()
         if len(self.server.handler_tasks) > self.max_connections or closing:
             transport.abort()
