@@ -124,6 +124,7 @@ CLOSE_TIMEOUT = 2  # seconds to wait for a client's closing handshake; shutdown 
 HTTP_WAIT = 5  # seconds an HTTP handler waits for the event loop to start its work
 LATE_START = 1  # seconds more it waits for work that started just in time
 LOG_EVERY = 10  # seconds; the same error is logged at most once in this time
+NETWORKS_EVERY = 10  # seconds; this machine's own networks are read again after this time
 RETRY_AFTER = 1  # seconds a client waits before sending again what the room could not take now
 
 # Headroom (see "Limits with headroom" below)
@@ -1998,18 +1999,58 @@ def client_address(connection):
 
 
 def voice_of(address):
-    """What one person's client address is, for the limits per address: an IPv6 address's /64
-    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
-    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
+    """What one person's client address is, for the limits per address: an IPv4 address itself,
+    also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::); an IPv6 address
+    on one of this machine's own networks itself too (a LAN: the laptops of a workshop share
+    its /64); any other IPv6 address its /64 (one machine holds a whole /64 and makes up new
+    addresses in it at will, and a stranger's /64 is not ours)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # no address at all (a test's fake client): itself
         return address
     if ip.version == 6 and ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
-    if ip.version == 6:
+    if ip.version == 6 and ip not in own_networks:
         return str(ipaddress.ip_network((ip, 64), strict=False))
-    return address
+    return str(ip)
+
+
+class OwnNetworks:
+    """This machine's IPv6 networks of a /64 or longer, as its interfaces have them: `ip in
+    own_networks` is whether a client is on the same link as the chat (its LAN).
+
+    A shorter prefix on one link (a hosting provider's /48) is shared with strangers, so
+    it does not count. Read from /proc/net/if_inet6 (Linux), again at most every
+    NETWORKS_EVERY seconds, as a laptop joins another network; elsewhere there are none,
+    and every IPv6 client counts as its /64.
+    """
+
+    def __init__(self, path="/proc/net/if_inet6"):
+        self.path = path
+        self.networks, self.read_at = (), -math.inf
+
+    def __contains__(self, ip):
+        if time.monotonic() - self.read_at > NETWORKS_EVERY:
+            self.networks, self.read_at = self.read(), time.monotonic()
+        return any(ip in network for network in self.networks)
+
+    def read(self):
+        """Each line: the address in 32 hex digits, the interface's index, the prefix length
+        in hex, its scope, its flags, the interface's name."""
+        try:
+            lines = Path(self.path).read_text().splitlines()
+        except OSError:  # not Linux
+            return ()
+        networks = set()
+        for line in lines:
+            address, _, prefix, *_ = line.split()
+            if int(prefix, 16) >= 64:
+                ip = ipaddress.IPv6Address(int(address, 16))
+                networks.add(ipaddress.IPv6Network((ip, int(prefix, 16)), strict=False))
+        return tuple(networks)
+
+
+own_networks = OwnNetworks()
 
 
 def is_full(server, max_clients):

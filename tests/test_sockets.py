@@ -4,7 +4,9 @@ address is on a LAN, handshakes for paths that are no URL, and the event loop it
 import asyncio
 import base64
 import contextlib
+import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -211,3 +213,152 @@ def test_the_chat_runs_on_asyncios_own_loop_when_uvloop_can_be_imported(tmp_path
     policy, loop = run.stdout.splitlines()
     assert policy == "uvloop"  # hug found the fake and set its policy, as it would uvloop's
     assert loop.split()[0] in ("asyncio.unix_events", "asyncio.windows_events")
+
+
+# --- One voice per person on a LAN, IPv6 and IPv4 alike ----------------------------------
+#
+# Two network namespaces of the test's own, joined by a veth pair: the chat's machine
+# (fd00:ca7::1/64 and 192.0.2.1/24 on its link) and a LAN with laptops on that link, plus a
+# stranger's /64 (fd00:beef::/64) that the chat reaches only through a router.
+
+LAN_V6 = ["fd00:ca7::2", "fd00:ca7::3", "fd00:ca7::4"]  # three laptops on the chat's link
+LAN_V4 = ["192.0.2.2", "192.0.2.3"]
+NAMES = ["fd00:ca7::5", "fd00:ca7::6"]  # one holds a name, the other tries to take it
+STRANGER = ["fd00:beef::1", "fd00:beef::2", "fd00:beef::3"]  # one machine, three addresses
+ROUTER = "fd00:ca7::fe"  # the LAN's address through which the chat reaches the stranger
+
+
+def ip(*args, netns=None):
+    command = ["ip", *(["-n", netns] if netns else []), *args]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=10)
+
+
+def skip_unless_ci(reason):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def lan():
+    """The names of the two namespaces: (the chat's machine, the LAN)."""
+    if shutil.which("ip") is None:
+        skip_unless_ci("needs iproute2's ip to make network namespaces")
+    if os.geteuid() != 0:
+        skip_unless_ci("needs root to make network namespaces (ip netns add)")
+    server, others = f"chat-srv-{os.getpid()}", f"chat-lan-{os.getpid()}"
+    try:
+        ip("netns", "add", server)
+    except subprocess.CalledProcessError as error:
+        skip_unless_ci(f"cannot make a network namespace: {error.stderr.strip()}")
+    try:
+        ip("netns", "add", others)
+        ip(
+            "link",
+            "add",
+            "v-srv",
+            "netns",
+            server,
+            "type",
+            "veth",
+            "peer",
+            "v-lan",
+            "netns",
+            others,
+        )
+        for netns, link in ((server, "v-srv"), (others, "v-lan")):
+            ip("link", "set", "lo", "up", netns=netns)
+            ip("link", "set", link, "up", netns=netns)
+        ip("addr", "add", "fd00:ca7::1/64", "dev", "v-srv", "nodad", netns=server)
+        ip("addr", "add", "192.0.2.1/24", "dev", "v-srv", netns=server)
+        ip("route", "add", "fd00:beef::/64", "via", ROUTER, netns=server)
+        for address in [*LAN_V6, *NAMES, ROUTER]:
+            ip("addr", "add", f"{address}/64", "dev", "v-lan", "nodad", netns=others)
+        for address in LAN_V4:
+            ip("addr", "add", f"{address}/24", "dev", "v-lan", netns=others)
+        for address in STRANGER:
+            ip("addr", "add", f"{address}/64", "dev", "lo", "nodad", netns=others)
+        yield server, others
+    finally:
+        for netns in (server, others):  # the veth pair goes with them
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ip("netns", "del", netns)
+
+
+# The chat, with its rate limit's refill slowed to one message in 1000 s: each voice gets
+# its burst of 20 and no more, however slow the machine.
+CHAT_WITHOUT_REFILL = "import sys, chat; chat.PER_SECOND = 0.001; sys.exit(chat.main(sys.argv[1:]))"
+
+LAN_CLIENTS = """
+import http.client, json, sys
+from websockets.sync.client import connect
+
+server, port, ws_port, groups = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+
+
+def posted(source, name, count):
+    stored = 0
+    for n in range(count):
+        connection = http.client.HTTPConnection(server, port, timeout=10, source_address=(source, 0))
+        body = json.dumps({"name": name, "text": f"{name} {n}"})
+        connection.request("POST", "/messages", body, {"Content-Type": "application/json"})
+        stored += connection.getresponse().status == 201
+        connection.close()
+    return stored
+
+
+result = {}
+for group, sources in groups.items():
+    if group == "alice":  # the first holds "alice" over a websocket, the second posts as alice
+        url = f"ws://[{server}]:{ws_port}/?name=alice"
+        with connect(url, open_timeout=5, source_address=(sources[0], 0)) as ws:
+            assert json.loads(ws.recv(timeout=5))["name"] == "alice"
+            result[group] = posted(sources[1], "alice", 1)
+    else:  # each source posts 20 at once: a burst
+        result[group] = [posted(source, f"{group}-{n}", 20) for n, source in enumerate(sources)]
+print(json.dumps(result))
+"""
+
+
+def chat_on_the_lan(lan, host, server, groups):
+    """Start the chat in the chat's namespace on `host`; run LAN_CLIENTS from the LAN
+    against `server` with `groups` of source addresses; their results."""
+    server_netns, lan_netns = lan
+    chat_process = subprocess.Popen(
+        ["ip", "netns", "exec", server_netns, sys.executable, "-c", CHAT_WITHOUT_REFILL]
+        + ["--host", host, "--port", "0", "--ws-port", "0", "--no-key"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        page, websocket = chat_process.stdout.readline(), chat_process.stdout.readline()
+        assert page.startswith("Chat page:"), chat_process.stderr.read()
+        port, ws_port = (line.rsplit(":", 1)[1].strip("/\n") for line in (page, websocket))
+        clients = subprocess.run(
+            ["ip", "netns", "exec", lan_netns, sys.executable, "-c", LAN_CLIENTS]
+            + [server, port, ws_port, json.dumps(groups)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert clients.returncode == 0, clients.stderr
+        return json.loads(clients.stdout)
+    finally:
+        chat_process.kill()
+        chat_process.wait(10)
+        chat_process.stdout.close()
+        chat_process.stderr.close()
+
+
+@pytest.mark.timeout(90)
+def test_on_a_lan_each_laptop_is_one_voice_and_a_strangers_64_is_one(lan):
+    groups = {"laptops": LAN_V6, "stranger": STRANGER, "alice": NAMES}
+    result = chat_on_the_lan(lan, "::", "fd00:ca7::1", groups)
+    assert result["laptops"] == [20, 20, 20]  # each laptop its own burst: it was 20 of 60
+    assert sum(result["stranger"]) == 20  # three addresses of one /64: one burst
+    assert result["alice"] == 0  # another laptop cannot post as alice while she is online
+    result = chat_on_the_lan(lan, "0.0.0.0", "192.0.2.1", {"laptops": LAN_V4})
+    assert result["laptops"] == [20, 20]  # IPv4 alike
