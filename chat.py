@@ -108,6 +108,7 @@ BURST, PER_SECOND = 20, 10  # rate limit of each client address: its websockets 
 # One voice per client address (see Room.check_rate() and check_request())
 MAX_PER_ADDRESS = 100  # websocket connections open at once from one address: an office's NAT fits
 CATCHING_UP_PER_ADDRESS = 4  # connections of one address sent a long history at once; others wait
+CATCH_UP_WAIT = 20  # seconds one waits for its turn at most; then it is closed, and comes back
 JOIN_BURST, JOINS_PER_SECOND = 100, 2  # handshakes one address may make at once, then a second
 MAX_ADDRESSES = 10_000  # addresses whose buckets the room remembers; the least recent is forgotten
 
@@ -236,12 +237,14 @@ class Room:
         A client that never reads holds a piece and a kernel buffer for PING_TIMEOUT, and can
         come straight back: so one address has CATCHING_UP_PER_ADDRESS turns, and its other
         connections with more than a piece to catch up wait for one, before anything is sent.
+        Nothing tells a waiter that its client went, so it waits CATCH_UP_WAIT at most
+        (TimeoutError: route() ends the connection, and the page comes back).
         """
         piece = self.messages_since(since, HISTORY_PIECE)
         if not (piece and piece[-1]["id"] < self.last_id):
             return piece  # one piece: it goes out with the count-in, nothing to wait for
         address = voice_of(client_address(connection))
-        async with self.catch_up_turns.turn(address):
+        async with self.catch_up_turns.turn(address, within=CATCH_UP_WAIT):
             with connection.catching_up():
                 piece = self.messages_since(since, HISTORY_PIECE)  # the room went on meanwhile
                 while piece and piece[-1]["id"] < self.last_id:
@@ -494,7 +497,9 @@ async def route(connection):
         else:
             await chat(connection)
     except (ConnectionClosed, TimeoutError):
-        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
+        # gone without a closing handshake (a lost network, a killed tab), stopped reading, or
+        # waited too long for its turn to catch up
+        pass
 
 
 async def echo(connection):
@@ -744,12 +749,17 @@ class Turns:
         self.users = collections.Counter()  # key -> its holders and waiters
 
     @contextlib.asynccontextmanager
-    async def turn(self, key):
+    async def turn(self, key, within):
+        """Hold one of `key`'s turns for the block; TimeoutError if none is free `within` seconds."""
         semaphore = self.semaphores.setdefault(key, asyncio.Semaphore(self.size))
         self.users[key] += 1
         try:
-            async with semaphore:
+            async with asyncio.timeout(within):
+                await semaphore.acquire()
+            try:
                 yield
+            finally:
+                semaphore.release()
         finally:
             self.users[key] -= 1
             if not self.users[key]:

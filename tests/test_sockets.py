@@ -15,6 +15,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosedOK
 
 import chat
 from test_chat import (
@@ -134,6 +135,20 @@ def test_one_address_catches_up_on_a_few_connections_at_once_and_the_others_wait
             one_more.recv(timeout=0)
         assert sum(kernel_send_queues(big_room)["127.0.0.2"]) <= turns * KERNEL_SHARE
         stack.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_that_waits_too_long_for_its_turn_is_closed_to_come_back(monkeypatch):
+    monkeypatch.setattr(chat, "CATCH_UP_WAIT", 0.5)  # 20 s in real life
+    turns = chat.CATCHING_UP_PER_ADDRESS
+    with running_servers(history=2000) as servers:
+        seed_big(2000)
+        with resumes_that_never_read(servers, turns, "127.0.0.2"):
+            wait_until(lambda: clients_waited_for(servers) == turns, what="the server waiting")
+            url = ws_url(servers, since=0)
+            one_more = connect(url, open_timeout=5, source_address=("127.0.0.2", 0))
+            with one_more, pytest.raises(ConnectionClosedOK):  # closed, nothing sent before
+                one_more.recv(timeout=5)
 
 
 # --- A handshake for a path that is no URL path ------------------------------------------
