@@ -750,7 +750,7 @@ class Turns:
 
     @contextlib.asynccontextmanager
     async def turn(self, key, within):
-        """Hold one of `key`'s turns for the block; TimeoutError if none is free `within` seconds."""
+        """Hold one of `key`'s turns for the block; TimeoutError if none is free in `within` s."""
         semaphore = self.semaphores.setdefault(key, asyncio.Semaphore(self.size))
         self.users[key] += 1
         try:
@@ -1930,9 +1930,9 @@ def origin_parts(origin):
 
 
 def check_request(connection, request, max_clients):
-    """Refuse a path that is no URL path (400), unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
-    (403 or 400), a handshake without the room key (401), a full room (503), and an address
-    past its share (429); count the rest in."""
+    """Refuse a path that is no URL path (400), unknown paths (404), a Host or Origin sent
+    twice (400), what the policy refuses (403 or 400), a handshake without the room key (401),
+    a full room (503), and an address past its share (429); count the rest in."""
     try:
         url = urllib.parse.urlsplit(request.path)
     except ValueError:  # "//[x" reads as a host, an IPv6 address never closed
@@ -2010,10 +2010,9 @@ def client_address(connection):
 
 def voice_of(address):
     """What one person's client address is, for the limits per address: an IPv4 address itself,
-    also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::); an IPv6 address
-    on one of this machine's own networks itself too (a LAN: the laptops of a workshop share
-    its /64); any other IPv6 address its /64 (one machine holds a whole /64 and makes up new
-    addresses in it at will, and a stranger's /64 is not ours)."""
+    also when written as IPv6 (::ffff:192.0.2.1); an IPv6 address on one of this machine's own
+    networks itself too (a LAN: the laptops of a workshop share its /64); any other IPv6
+    address its /64 (one machine holds a whole /64 and makes up new addresses in it at will)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # no address at all (a test's fake client): itself

@@ -308,13 +308,14 @@ LAN_CLIENTS = """
 import http.client, json, sys
 from websockets.sync.client import connect
 
-server, port, ws_port, groups = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+server, port, ws_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+groups = json.loads(sys.argv[4])
 
 
 def posted(source, name, count):
     stored = 0
     for n in range(count):
-        connection = http.client.HTTPConnection(server, port, timeout=10, source_address=(source, 0))
+        connection = http.client.HTTPConnection(server, port, 10, source_address=(source, 0))
         body = json.dumps({"name": name, "text": f"{name} {n}"})
         connection.request("POST", "/messages", body, {"Content-Type": "application/json"})
         stored += connection.getresponse().status == 201
