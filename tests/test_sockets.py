@@ -36,10 +36,6 @@ ROOT = CHAT_PY.parent
 
 # --- What one connection, and one address, may hold in flight ---------------------------
 
-fcntl = pytest.importorskip("fcntl", reason="the kernel's send queues are read with ioctl (Unix)")
-termios = pytest.importorskip("termios", reason="the kernel's send queues are read with ioctl")
-
-
 # What the kernel may hold for one connection: twice SO_SNDBUF, and it may go past that by the
 # one packet it was filling (up to 64 KB on loopback)
 KERNEL_SHARE = 2 * chat.SEND_BUFFER + 64 * 1024
@@ -48,6 +44,8 @@ KERNEL_SHARE = 2 * chat.SEND_BUFFER + 64 * 1024
 def kernel_send_queues(servers):
     """Bytes the kernel holds for each websocket connection, not yet taken by its client
     (TIOCOUTQ, which is SIOCOUTQ for a socket), by client address."""
+    fcntl = pytest.importorskip("fcntl", reason="the send queues are read with ioctl (Unix)")
+    termios = pytest.importorskip("termios", reason="the send queues are read with ioctl (Unix)")
 
     async def measure():
         queues = {}
