@@ -106,7 +106,11 @@ def test_a_client_that_resumes_and_never_reads_holds_a_bounded_kernel_buffer(big
 
 
 @pytest.mark.timeout(60)
-def test_one_address_catches_up_on_a_few_connections_at_once_and_the_others_wait(big_room):
+def test_one_address_catches_up_on_a_few_connections_at_once_and_the_others_wait(
+    big_room, monkeypatch
+):
+    for waits in ("PING_TIMEOUT", "CATCH_UP_WAIT"):  # longer than this test, however slow
+        monkeypatch.setattr(chat, waits, 120)
     turns = chat.CATCHING_UP_PER_ADDRESS
     with contextlib.ExitStack() as stack:
         stack.enter_context(resumes_that_never_read(big_room, turns, "127.0.0.2"))
