@@ -54,7 +54,7 @@ from parts.fixes import close_websockets, request_host, stop_waitress, without_n
 from parts.history import History
 from parts.logs import log_repeated_errors_once
 from parts.sending import connection_limits, raise_fd_limit, send_prepared
-from parts.voices import Buckets, ChatConnection, check_request, voice_of
+from parts.voices import Buckets, ChatConnection, Turns, check_request, voice_of
 
 # --- Configuration -----------------------------------------------------------------------
 
@@ -112,6 +112,8 @@ class Room:
         self.message_buckets = Buckets(BURST, PER_SECOND)
         self.join_buckets = Buckets(voices.JOIN_BURST, voices.JOINS_PER_SECOND)
         self.connections_from = collections.Counter()  # client address -> open websockets
+        # A few connections of one address catch up at once (send_all_but_the_last_piece())
+        self.catch_up_turns = Turns(voices.CATCHING_UP_PER_ADDRESS, voices.CATCH_UP_WAIT)
         # Who goes by which name, for everyone in the room or joining it (see hold_name())
         self.names = {}  # connection -> (client address, names.same_name_key(name))
         self.holders = collections.defaultdict(collections.Counter)  # name key -> address -> count
@@ -157,13 +159,21 @@ class Room:
         them in pieces of HISTORY_PIECE, each sent once the client has taken the one before
         (see ChatConnection.catching_up()). Messages posted meanwhile are kept, so a later
         piece has them; the last piece is the one that reaches the newest message.
+
+        A client that never reads holds a piece and a kernel buffer for PING_TIMEOUT: so one
+        address catches up on a few connections at once (Turns, in parts/voices.py), and the
+        others wait their turn before anything is sent, or are ended to come back (route()).
         """
-        with connection.catching_up():
-            piece = self.history.messages_since(since, HISTORY_PIECE)
-            while piece and piece[-1]["id"] < self.history.last_id:
-                await connection.send_in_time(self.history_frame(name, piece, more=True))
-                await asyncio.sleep(0)  # send() waits only for a slow client: let others in too
-                piece = self.history.messages_since(piece[-1]["id"], HISTORY_PIECE)
+        piece = self.history.messages_since(since, HISTORY_PIECE)
+        if not (piece and piece[-1]["id"] < self.history.last_id):
+            return piece  # one piece: it goes out with the count-in, nothing to wait for
+        async with self.catch_up_turns.turn(connection.address):
+            with connection.catching_up():
+                piece = self.history.messages_since(since, HISTORY_PIECE)  # the room went on
+                while piece and piece[-1]["id"] < self.history.last_id:
+                    await connection.send_in_time(self.history_frame(name, piece, more=True))
+                    await asyncio.sleep(0)  # send() waits only for a slow client: let others in
+                    piece = self.history.messages_since(piece[-1]["id"], HISTORY_PIECE)
         return piece
 
     def history_frame(self, name, piece, more):
@@ -341,7 +351,9 @@ async def route(connection, room):
         else:
             await chat(connection, room)
     except (ConnectionClosed, TimeoutError):
-        pass  # gone without a closing handshake (a lost network, a killed tab), or stopped reading
+        # gone without a closing handshake (a lost network, a killed tab), stopped reading, or
+        # waited too long for its turn to catch up
+        pass
 
 
 async def echo(connection):
@@ -834,7 +846,7 @@ class Servers:
             raise_fd_limit(), settings.max_clients
         )
         log_repeated_errors_once()
-        self.loop = asyncio.new_event_loop()
+        self.loop = fixes.asyncio_event_loop()  # not uvloop's, which `import hug` may have set
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="websockets")
         self.loop_thread.start()
         try:

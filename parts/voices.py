@@ -7,15 +7,23 @@ on a known path, with one Host and one Origin the Policy accepts, the room key w
 one, a place in the room, and an address within its share; it counts each one in, and
 ChatConnection counts it out however it ends. A client that stops reading is dropped once
 MAX_QUEUED bytes wait for it (but while it catches up on its history, when it is waited for, up
-to its ping timeout). voice_of() makes one person of an IPv6 /64.
+to its ping timeout), and the kernel holds at most about twice SEND_BUFFER for it. Turns lets
+one address catch up on CATCHING_UP_PER_ADDRESS connections at once, each waiting CATCH_UP_WAIT
+at most for its turn. voice_of() makes one person of an IPv6 /64, but of an address on one of
+this machine's own networks (its LAN) as of an IPv4 address: the address itself. A path that is
+no URL path is a 400, never a 500.
 """
 
 import asyncio
+import collections
 import contextlib
 import http
 import ipaddress
+import math
+import socket
 import time
 import urllib.parse
+from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection
 
@@ -25,6 +33,10 @@ from parts.errors import RETRY_AFTER
 MAX_PER_ADDRESS = 100  # websocket connections open at once from one address: an office's NAT fits
 JOIN_BURST, JOINS_PER_SECOND = 100, 2  # handshakes one address may make at once, then a second
 MAX_ADDRESSES = 10_000  # addresses whose buckets the room remembers; the least recent is forgotten
+CATCHING_UP_PER_ADDRESS = 4  # connections of one address sent a long history at once; others wait
+CATCH_UP_WAIT = 20  # seconds one waits for its turn at most; then it is closed, and comes back
+SEND_BUFFER = 128 * 1024  # bytes of the kernel's send buffer per websocket (Linux doubles it)
+NETWORKS_EVERY = 10  # seconds; this machine's own networks are read again after this time
 
 
 class TokenBucket:
@@ -69,11 +81,45 @@ class Buckets:
         return self.get(address).take()
 
 
+class Turns:
+    """At most `size` holders of a turn per key at once; the others wait for one, in order,
+    `within` seconds at most.
+
+    A key's semaphore is made for its first holder or waiter and forgotten with its last,
+    so the keys remembered are only those in use now.
+    """
+
+    def __init__(self, size, within):
+        self.size, self.within = size, within
+        self.semaphores = {}  # key -> asyncio.Semaphore(size)
+        self.users = collections.Counter()  # key -> its holders and waiters
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key):
+        """Hold one of `key`'s turns for the block; TimeoutError if none is free in time."""
+        semaphore = self.semaphores.setdefault(key, asyncio.Semaphore(self.size))
+        self.users[key] += 1
+        try:
+            async with asyncio.timeout(self.within):
+                await semaphore.acquire()
+            try:
+                yield
+            finally:
+                semaphore.release()
+        finally:
+            self.users[key] -= 1
+            if not self.users[key]:
+                del self.users[key], self.semaphores[key]
+
+
 def check_request(connection, request, *, room, policy, paths, max_clients):
-    """Refuse unknown paths (404), a Host or Origin sent twice (400), what the policy refuses
-    (403 or 400), a handshake without the room key (401), a full room (503), and an address
-    past its share (429); count the rest in."""
-    url = urllib.parse.urlsplit(request.path)
+    """Refuse a path that is no URL path (400), unknown paths (404), a Host or Origin sent
+    twice (400), what the policy refuses (403 or 400), a handshake without the room key (401),
+    a full room (503), and an address past its share (429); count the rest in."""
+    try:
+        url = urllib.parse.urlsplit(request.path)
+    except ValueError:  # "//[x" reads as a host, an IPv6 address never closed
+        return connection.respond(http.HTTPStatus.BAD_REQUEST, "The path is not a URL path\n")
     if url.path not in paths:
         return connection.respond(http.HTTPStatus.NOT_FOUND, "No such path: use / or /echo\n")
     for header in ("Host", "Origin"):  # headers.get() raises MultipleValuesError on two (a 500)
@@ -125,18 +171,57 @@ def address_refusal(room, address):
 
 
 def voice_of(address):
-    """What one person's client address is, for the limits per address: an IPv6 address's /64
-    (one machine holds a whole /64 and makes up new addresses in it at will), an IPv4 address
-    itself, also when written as IPv6 (::ffff:192.0.2.1, from a server bound to ::)."""
+    """What one person's client address is, for the limits per address: an IPv4 address itself,
+    also when written as IPv6 (::ffff:192.0.2.1); an IPv6 address on one of this machine's own
+    networks itself too (a LAN: the laptops of a workshop share its /64); any other IPv6
+    address its /64 (one machine holds a whole /64 and makes up new addresses in it at will)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:  # no address at all (a test's fake client): itself
         return address
     if ip.version == 6 and ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
-    if ip.version == 6:
+    if ip.version == 6 and ip not in own_networks:
         return str(ipaddress.ip_network((ip, 64), strict=False))
-    return address
+    return str(ip)
+
+
+class OwnNetworks:
+    """This machine's IPv6 networks of a /64 or longer, as its interfaces have them: `ip in
+    own_networks` is whether a client is on the same link as the chat (its LAN).
+
+    A shorter prefix on one link (a hosting provider's /48) is shared with strangers, so
+    it does not count. Read from /proc/net/if_inet6 (Linux), again at most every
+    NETWORKS_EVERY seconds, as a laptop joins another network; elsewhere there are none,
+    and every IPv6 client counts as its /64.
+    """
+
+    def __init__(self, path="/proc/net/if_inet6"):
+        self.path = path
+        self.networks, self.read_at = (), -math.inf
+
+    def __contains__(self, ip):
+        if time.monotonic() - self.read_at > NETWORKS_EVERY:
+            self.networks, self.read_at = self.read(), time.monotonic()
+        return any(ip in network for network in self.networks)
+
+    def read(self):
+        """Each line: the address in 32 hex digits, the interface's index, the prefix length
+        in hex, its scope, its flags, the interface's name."""
+        try:
+            lines = Path(self.path).read_text().splitlines()
+        except OSError:  # not Linux
+            return ()
+        networks = set()
+        for line in lines:
+            address, _, prefix, *_ = line.split()
+            if int(prefix, 16) >= 64:
+                ip = ipaddress.IPv6Address(int(address, 16))
+                networks.add(ipaddress.IPv6Network((ip, int(prefix, 16)), strict=False))
+        return tuple(networks)
+
+
+own_networks = OwnNetworks()  # this machine's, for every server in the process
 
 
 def is_full(server, max_clients):
@@ -166,8 +251,17 @@ class ChatConnection(ServerConnection):
     def connection_made(self, transport):
         """Close a TCP connection at once past max_connections (clients and handshakes under
         way): connections that never send a handshake must not take the descriptors that
-        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request)."""
+        HTTP needs. Below it, a handshake past the cap gets a 503 (check_request).
+
+        And cap what the kernel holds for it: it takes up to net.ipv4.tcp_wmem's maximum
+        (4 MB on Linux) from a client that reads nothing, past asyncio's write limit, and an
+        empty write buffer does not mean the client took the bytes. SO_SNDBUF caps it at
+        twice SEND_BUFFER (Linux counts its own overhead in), and turns off its autotuning.
+        """
         super().connection_made(transport)
+        with contextlib.suppress(OSError):  # a connection already gone: nothing to hold
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         closing = self.server.close_task is not None  # see close_websockets()
         if len(self.server.handler_tasks) > self.max_connections or closing:
             transport.abort()

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import http.client
 import json
+import logging
 import os
 import queue
 import random
@@ -443,6 +444,11 @@ def raw_handshake(ws_port, headers, path="/", method="GET"):
                 answer += chunk
     status_line, _, rest = answer.partition(b"\r\n")
     return int(status_line.split(b" ", 2)[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def tracebacks(caplog):
+    """Log records that carry a traceback or an error: the symptom of an unhandled exception."""
+    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 def listens(port):

@@ -7,7 +7,6 @@ fuzzed, on both servers.
 import base64
 import http.client
 import json
-import logging
 import os
 import socket
 
@@ -24,13 +23,9 @@ from tests.helpers import (
     raw_request,
     request,
     stored_texts,
+    tracebacks,
     wait_for_health,
 )
-
-
-def tracebacks(caplog):
-    """Log records that carry a traceback or an error: the symptom of an unhandled exception."""
-    return [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("host", ["localhost:", "127.0.0.1:", "[::1]:"])
