@@ -87,6 +87,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from parts import http_server
+
 try:
     import resource  # Unix only: on Windows there is no descriptor limit to raise
 except ImportError:
@@ -972,7 +974,8 @@ class Servers:
                 trusted_proxy=PROXY, trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"}
             )
         try:
-            return waitress.create_server(app, host=host, port=port, **settings)
+            # waitress, guarded: no client holds a worker, nor one address every connection
+            return http_server.create(app, host, port, address_of=voice_of, **settings)
         except ValueError:  # waitress's "Invalid host/port specified.", with a traceback
             raise OSError(f"{host} is not an address, nor a name that resolves") from None
 
