@@ -94,9 +94,7 @@ def test_pipelining_clients_that_never_read_hold_no_worker_and_others_are_served
         one_answer = len(request(servers.port, "GET", "/messages?limit=1000").body)
         sources = [f"127.0.0.{10 + n}" for n in range(4)]  # as many as waitress has workers
         with closing_all([pipelining_non_reader(servers.port, s) for s in sources]) as socks:
-            wait_until(lambda: all(map(waiting_bytes, socks)), what="answers on their way")
-            # Without the guard the 4 workers each wait for a non-reader, and never get here.
-            wait_until(lambda: workers_idle(servers), timeout=30, what="every worker free")
+            wait_until_the_server_sends_no_more(socks)
 
             started = time.monotonic()
             status, _, body = request(servers.port, "GET", "/health", source="127.0.0.2")
@@ -107,6 +105,8 @@ def test_pipelining_clients_that_never_read_hold_no_worker_and_others_are_served
             assert status == 200 and len(json.loads(body)["messages"]) == 100
             assert time.monotonic() - started < 5
 
+            # No worker waits for a non-reader (each did, and nobody else got an answer).
+            wait_until(lambda: workers_idle(servers), what="every worker free")
             # What the server holds for each: one answer at most, not 60 (48 MB).
             held = [c.total_outbufs_len for c in servers.http_server.active_channels.values()]
             assert max(held) <= one_answer + 1024
