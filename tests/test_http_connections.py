@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from parts import http_server
 from test_chat import ChatProcess, request, running_servers, wait_until
 
 BIG = "\U0001f600" * 2000  # the longest text, of 4-byte characters: 8 KB of JSON
@@ -38,6 +39,11 @@ def pipelining_non_reader(port, source, count=PIPELINED):
 def waiting_bytes(sock):
     """How many bytes the kernel holds for `sock` to read (FIONREAD)."""
     return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+def unsent_bytes(sock):
+    """How many bytes the kernel holds for `sock` to send (TIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 def wait_until_the_server_sends_no_more(socks, timeout=30):
@@ -107,9 +113,29 @@ def test_pipelining_clients_that_never_read_hold_no_worker_and_others_are_served
 
             # No worker waits for a non-reader (each did, and nobody else got an answer).
             wait_until(lambda: workers_idle(servers), what="every worker free")
-            # What the server holds for each: one answer at most, not 60 (48 MB).
-            held = [c.total_outbufs_len for c in servers.http_server.active_channels.values()]
-            assert max(held) <= one_answer + 1024
+            # What the server holds for each: one answer at most, not 60 (48 MB), and what
+            # the kernel holds to send them is SEND_BUFFER's, not its 4 MB.
+            channels = [
+                channel
+                for channel in list(servers.http_server.active_channels.values())
+                if channel.addr[0] in sources
+            ]
+            assert len(channels) == 4
+            assert max(channel.total_outbufs_len for channel in channels) <= one_answer + 1024
+            in_kernel = max(unsent_bytes(channel.socket) for channel in channels)
+            assert 0 < in_kernel <= 2 * http_server.SEND_BUFFER
+
+
+def test_the_longest_answer_stays_below_where_a_worker_would_wait_for_its_client():
+    with running_servers(history=1000) as servers:
+        longest = {"name": "\U0001f600" * 32, "text": "\x01" * 2000}  # \u0001: 6 bytes each
+        for n in range(1000):
+            status, _, _ = request(
+                servers.port, "POST", "/messages", longest, source=f"127.0.1.{1 + n // 20}"
+            )
+            assert status == 201
+        answer = request(servers.port, "GET", "/messages?limit=1000").body
+        assert 12_000_000 < len(answer) < servers.http_server.adj.outbuf_high_watermark
 
 
 def test_a_connection_that_reads_nothing_is_closed_after_the_idle_timeout():
