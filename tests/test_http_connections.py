@@ -8,6 +8,7 @@ addresses (127.0.0.0/8 is all this machine): a socket binds one before it connec
 import contextlib
 import fcntl
 import json
+import re
 import signal
 import socket
 import struct
@@ -124,6 +125,31 @@ def test_pipelining_clients_that_never_read_hold_no_worker_and_others_are_served
             assert max(channel.total_outbufs_len for channel in channels) <= one_answer + 1024
             in_kernel = max(unsent_bytes(channel.socket) for channel in channels)
             assert 0 < in_kernel <= 2 * http_server.SEND_BUFFER
+
+
+def test_pipelined_requests_of_a_client_that_reads_are_all_answered_in_order():
+    with (
+        running_servers() as servers,
+        socket.create_connection(("127.0.0.1", servers.port)) as sock,
+    ):
+        sock.settimeout(10)
+        body = json.dumps({"text": "pipelined"}).encode()
+        head = f"Host: 127.0.0.1:{servers.port}\r\n"
+        sock.sendall(
+            f"GET /health HTTP/1.1\r\n{head}\r\n".encode()
+            + f"POST /messages HTTP/1.1\r\n{head}Content-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+            + f"\r\nGET /messages HTTP/1.1\r\n{head}\r\n".encode()  # a blank line between
+            + f"GET /nowhere HTTP/1.1\r\n{head}\r\n".encode()
+            + f"GET /config HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode()
+        )
+        answers = b""
+        while chunk := sock.recv(65536):
+            answers += chunk
+        statuses = re.findall(rb"HTTP/1\.1 (\d\d\d) ", answers)
+        assert statuses == [b"200", b"201", b"200", b"404", b"200"]
+        assert b'"text": "pipelined"' in answers.split(b"HTTP/1.1 200")[2]
 
 
 def test_the_longest_answer_stays_below_where_a_worker_would_wait_for_its_client():
