@@ -183,7 +183,7 @@ def test_a_connection_that_reads_nothing_is_closed_after_the_idle_timeout():
             assert 0 < received.count(b"HTTP/1.1 200 OK") < PIPELINED
 
 
-@pytest.mark.parametrize("store", [False, True], ids=["in memory", "--store"])
+@pytest.mark.parametrize("store", [False, True], ids=["in-memory", "--store"])
 def test_sigterm_with_pipelining_non_readers_connected_exits_within_5_s(tmp_path, store):
     args = ["--store", str(tmp_path / "room.db")] if store else []
     with chat_process("--port", "0", "--ws-port", "0", *args) as process:
