@@ -118,8 +118,8 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
 
 
 class GuardedServer(waitress.server.TcpWSGIServer):
-    """waitress's TCP server with OneRequestAtATime connections, a cap per client address,
-    and idle connections closed even when their client reads nothing."""
+    """waitress's TCP server with OneRequestAtATime connections, SEND_BUFFER each, a cap per
+    client address, and idle connections closed even when their client reads nothing."""
 
     channel_class = OneRequestAtATime
 
