@@ -24,12 +24,17 @@ chat's 4). `create()` makes a waitress server that guarantees, whatever one clie
   addresses are served. Connections from the trusted proxy (`trusted_proxy`, with
   --public-url) are not capped: every client comes through it, the proxy keeps its own
   limits per client, and waitress's `connection_limit` still holds.
+- **A request target urllib cannot split is a 400**, as waitress answers other unreadable
+  requests: `GET http://[::1` (an IPv6 host without its `]`, or not an address) made waitress's
+  parser raise in its I/O thread, log "uncaptured python exception" and close the connection
+  without an answer.
 """
 
 import socket
 
 import waitress.adjustments
 import waitress.channel
+import waitress.parser
 import waitress.server
 
 # An office behind one NAT address, or a workshop on one Wi-Fi behind one: a browser keeps 1
@@ -57,9 +62,21 @@ def create(app, host, port, map=None, address_of=str, **settings):
     return GuardedServer(app, map=map, adj=adj, sockinfo=adj.listen[0], address_of=address_of)
 
 
+class RequestParser(waitress.parser.HTTPRequestParser):
+    """waitress's parser, with a request target urllib.parse.urlsplit() refuses a ParsingError
+    (a 400): waitress catches only its UnicodeError, not the ValueError of a broken IPv6 host."""
+
+    def parse_header(self, header_plus):
+        try:
+            super().parse_header(header_plus)
+        except ValueError as error:
+            raise waitress.parser.ParsingError(f"Bad URI: {error}") from None
+
+
 class OneRequestAtATime(waitress.channel.HTTPChannel):
     """An HTTP connection that parses its next request only once the last answer has left."""
 
+    parser_class = RequestParser
     unread = b""  # what a read brought past one whole request (recv_bytes, 8 KB, at most)
 
     def __init__(self, server, sock, addr, adj, map=None):
