@@ -43,11 +43,10 @@ from pathlib import Path
 
 import hug
 import segno
-import waitress
 from websockets.asyncio.server import broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from parts import access, names, voices
+from parts import access, http_server, names, voices
 from parts.access import POLICY, Policy, url_host
 from parts.errors import RETRY_AFTER, BadInput, NameTaken, RoomUnavailable, TooFast
 from parts.fixes import close_websockets, request_host, stop_waitress, without_nulls
@@ -891,7 +890,8 @@ class Servers:
             )
         try:
             serve_http = functools.partial(self.serve_http, app)
-            return waitress.create_server(serve_http, host=host, port=port, **settings)
+            # waitress, guarded: no client holds a worker, nor one address every connection
+            return http_server.create(serve_http, host, port, address_of=voice_of, **settings)
         except ValueError:  # waitress's "Invalid host/port specified.", with a traceback
             raise OSError(f"{host} is not an address, nor a name that resolves") from None
 

@@ -4,6 +4,7 @@ bad input gets a clear error and loses nothing else.
 """
 
 import json
+import logging
 import random
 import socket
 import urllib.parse
@@ -23,6 +24,7 @@ from tests.helpers import (
     joined,
     post,
     presence_changes,
+    raw_request,
     receive,
     receive_until,
     request,
@@ -188,6 +190,24 @@ def test_fuzzed_http_requests_never_get_a_500(server):
 
     check()
     assert_room_is_sound(server)
+
+
+@pytest.mark.parametrize(
+    "target, status",
+    [
+        ("http://[::1", 400),  # an absolute URL whose IPv6 host has no "]"
+        ("http://[x]/", 400),  # or is not an address
+        ("//[x", 404),  # a path to waitress, which splits no host from "//"
+    ],
+    ids=["unclosed", "not-an-address", "a-path"],
+)
+def test_a_request_target_with_a_broken_ipv6_host_gets_an_answer_and_logs_no_error(
+    server, caplog, target, status
+):
+    answer = raw_request(server.port, "GET", target, [("Host", f"127.0.0.1:{server.port}")])
+    assert answer[0] == status
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert get(server.port, "/health")[0] == 200
 
 
 def test_a_frame_with_a_number_too_long_says_so(server):

@@ -126,8 +126,10 @@ def test_a_handshake_that_never_completes_is_closed_quickly(monkeypatch):
 def test_a_few_hundred_idle_or_trickling_http_connections_do_not_lock_others_out(server):
     idle = []
     try:
-        for n in range(300):
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        for n in range(300):  # from 3 addresses: one may hold 100 HTTP connections
+            sock = socket.create_connection(
+                ("127.0.0.1", server.port), timeout=5, source_address=(f"127.0.0.{10 + n % 3}", 0)
+            )
             if n % 3 == 0:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a request that trickles in
             idle.append(sock)
