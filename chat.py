@@ -1370,6 +1370,8 @@ class StoredRoom(Room):
             self.deliver(message)  # to nobody yet: it keeps the message and its ref
         self.next_id = self.last_id + 1  # given to the next post; last_id is the last delivered
         self.writing = {}  # ref -> the future of its message, on its way to the disk
+        self.guests_saved = self.loop.create_future()  # the last guest count given is on disk
+        self.guests_saved.set_result(None)
 
     async def post(self, name, text, ref=None):
         """Room.post(), delivering once the message is on disk."""
@@ -1393,6 +1395,21 @@ class StoredRoom(Room):
         self.file.write(message, self.guests, (message, written))
         return await asyncio.shield(written), True  # shield: the delivery happens regardless
 
+    def guest_name(self):
+        """Room.guest_name(), and the count written to the file: a restart, even kill -9,
+        never gives a guest number again. A post writes it with its message; a client
+        that only joins gets its history once it is on disk (see join())."""
+        name = super().guest_name()
+        self.guests_saved = self.loop.create_future()
+        self.file.write(None, self.guests, (None, self.guests_saved))
+        return name
+
+    async def join(self, connection, name, since):
+        """Room.join(), once the guest count given so far is on disk (a commit: a fraction
+        of a millisecond, shared by the joins that come meanwhile)."""
+        await asyncio.shield(self.guests_saved)
+        await super().join(connection, name, since)
+
     def on_disk(self, written, error):
         """Called by the writer thread with what it wrote, in id order; delivers in the loop,
         in the same order."""
@@ -1402,6 +1419,9 @@ class StoredRoom(Room):
         if error:
             log.error("--store: cannot write messages: %s", error)
         for message, answer in written:
+            if message is None:  # a guest count: its failure is logged by the writer
+                answer.set_result(None)
+                continue
             self.writing.pop(message.get("ref"), None)  # from now on, self.refs has it
             if error:
                 answer.set_exception(
@@ -1432,6 +1452,11 @@ class HistoryFile:
     """
 
     BATCH = 1000  # messages at most in one INSERT (SQLite takes up to 32,766 values)
+    # Seconds to wait for the file's lock at start. Two chats started at once both read the
+    # new file before either writes: the first to try for the lock must wait for the other
+    # to give up (it does, at once), or both say "in use". It also is how long a second chat
+    # takes to say that the file is in use.
+    LOCK_WAIT = 1
     TRIM_EVERY = 100  # messages: the file holds up to --history + 100 between trims
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS room (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -1451,7 +1476,7 @@ class HistoryFile:
         """The room id (new_room_id for a new file), the guest count, the kept messages."""
         try:
             self.db = sqlite3.connect(
-                self.path, timeout=0, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.LOCK_WAIT, isolation_level=None, check_same_thread=False
             )
             for pragma in (
                 "locking_mode = EXCLUSIVE",
@@ -1459,9 +1484,21 @@ class HistoryFile:
                 "synchronous = NORMAL",
             ):
                 self.db.execute(f"PRAGMA {pragma}")
+            # Reading only the newest messages would not see a damaged page among the old
+            # ones, and every trim would then fail: the file would grow without bound. The
+            # file holds about --history messages: 3 ms for 1000 of 2000 characters.
+            damage = self.db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if damage != "ok":
+                where = damage.splitlines()[-1]  # after "*** in database main ***"
+                raise sqlite3.DatabaseError(f"database disk image is malformed: {where}")
             self.db.executescript(self.SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO room VALUES ('id', ?)", (new_room_id,))
             room = dict(self.db.execute("SELECT key, value FROM room"))
+            self.guests_written = whole_number(str(room.get("guests", 0)), 0, 10**15)
+            if self.guests_written is None:
+                raise sqlite3.DatabaseError(
+                    f"database disk image is malformed: the guest count is {room['guests']!r}"
+                )
             rows = self.db.execute(
                 "SELECT * FROM (SELECT id, name, text, ts, ref FROM messages"
                 " ORDER BY id DESC LIMIT ?) ORDER BY id",
@@ -1469,14 +1506,16 @@ class HistoryFile:
             ).fetchall()
         except sqlite3.Error as error:
             self.close()
-            raise RoomUnavailable(f"cannot use --store {self.path}: {store_error(error)}") from None
-        self.guests_written = int(room.get("guests", 0))
+            raise RoomUnavailable(
+                f"cannot use --store {self.path}: {store_error(error, self.path)}"
+            ) from None
         self.writer.start()
         return room["id"], self.guests_written, [stored_message(*row) for row in rows]
 
     def write(self, message, guests, handle):
         """From the loop: write soon, then hand `handle` back to on_written() with the others
-        of its batch, and None, or the error if it failed."""
+        of its batch, and None, or the error if it failed. A message of None writes only the
+        guest count."""
         self.waiting.put((message, guests, handle))
 
     def write_all(self):
@@ -1500,24 +1539,32 @@ class HistoryFile:
         One statement, not BEGIN, INSERT, COMMIT: each lets go of Python's GIL and takes it
         back from the busy event loop, and on a loaded machine each of those hand-offs can
         cost the loop a time slice."""
-        messages, guests = [message for message, _, _ in batch], batch[-1][1]
+        messages = [message for message, _, _ in batch if message is not None]
+        guests = batch[-1][1]
         rows = [(m["id"], m["name"], m["text"], m["ts"], m.get("ref")) for m in messages]
         try:
-            self.db.execute(
-                "INSERT INTO messages VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
-                [value for row in rows for value in row],
-            )
+            if rows:
+                self.db.execute(
+                    "INSERT INTO messages VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)),
+                    [value for row in rows for value in row],
+                )
         except sqlite3.Error as error:
             return error
-        with contextlib.suppress(sqlite3.Error):  # the messages are kept: these can wait
-            if messages[-1]["id"] % self.TRIM_EVERY < len(messages):  # once in a while
+        # The messages are kept: what follows can fail without refusing them, but not in silence.
+        try:
+            if rows and rows[-1][0] % self.TRIM_EVERY < len(rows):  # once in a while
                 # Ids have no gaps but after a failed write: this keeps --history at most.
-                self.db.execute(
-                    "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
-                )
+                self.db.execute("DELETE FROM messages WHERE id <= ?", (rows[-1][0] - self.history,))
+        except sqlite3.Error as error:
+            log.error(
+                "--store: cannot delete the messages past --history, the file grows: %s", error
+            )
+        try:
             if guests != self.guests_written:
                 self.db.execute("INSERT OR REPLACE INTO room VALUES ('guests', ?)", (str(guests),))
                 self.guests_written = guests
+        except sqlite3.Error as error:
+            log.error("--store: cannot write the guest count: %s", error)
         return None
 
     def close(self):
@@ -1536,10 +1583,33 @@ def stored_message(id, name, text, ts, ref):
     return message
 
 
-def store_error(error):
+def store_error(error, path):
+    """Why the chat cannot use its --store file, and what to do about it."""
     if "locked" in str(error):
         return "it is in use (is another chat.py running with it?)"
-    return str(error)
+    if "malformed" in str(error):
+        return (
+            f"it is damaged ({error}): move it away to start the room afresh, "
+            "or put back a copy of it"
+        )
+    return f"{error}{permission_needed(path)}"
+
+
+def permission_needed(path):
+    """What the chat may not do but SQLite needs, as SQLite's errors do not say it: write the
+    file, and create FILE-wal beside it (so write in its folder). os.access() also says no to
+    root where root cannot: a read-only file system, an immutable file (chattr +i)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f": there is no folder {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (
+            f": the chat needs write permission on the folder {folder}, where SQLite keeps "
+            f"{os.path.basename(path)}-wal beside the file"
+        )
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return f": the chat needs read and write permission on {path}"
+    return ""
 
 
 # Names belong to people: what a name may hold (skip on a first reading) ..................
@@ -2167,7 +2237,7 @@ def log_repeated_errors_once():
     """A logger's filter sees only what is logged to that logger, not to its children: so
     "waitress.queue" too, whose "Task queue depth is 1" came with every request that waited
     a moment for one of waitress's threads (many a second in a busy room)."""
-    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server"):
+    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server", "chat"):
         logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing
 
 
