@@ -1235,8 +1235,6 @@ def parse_args(argv):
     parser.add_argument(
         "--key",
         type=room_key_argument,
-        # CHAT_KEY in the environment: a key on the command line shows in every user's `ps`
-        default=os.environ.get("CHAT_KEY") or None,
         help="the room key people need, so a restart keeps the link (default: $CHAT_KEY, else a "
         "new random one when --host is not loopback or with --public-url; the same one for "
         "every --redis process)",
@@ -1260,6 +1258,13 @@ def choose_room_key(parser, args):
     exposed = args.public_url or not is_loopback(args.host)
     if args.key and args.no_key:
         parser.error("--key and --no-key: choose one")
+    if not args.key and os.environ.get("CHAT_KEY"):  # where a key stays out of every user's `ps`
+        if args.no_key:
+            parser.error("CHAT_KEY and --no-key: choose one")
+        try:
+            args.key = room_key_argument(os.environ["CHAT_KEY"])
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"CHAT_KEY: {error}")
     if args.no_key or args.key or not exposed:
         args.no_key = args.no_key and exposed  # --no-key on loopback changes nothing
         return
@@ -2294,6 +2299,17 @@ READABLE = (
     "text/plain",
     "multipart/form-data",
 )
+
+
+@hug.request_middleware(api=api)
+def refuse_query_strings_that_are_not_utf8(request, response):
+    """falcon decodes a query string's bytes with errors="replace": "?text=%ff" was stored
+    as U+FFFD, where the same bytes in a body are a 400. The WSGI server hands the bytes
+    over as Latin-1 (PEP 3333), so encoding them back gives them as the client sent them."""
+    try:
+        urllib.parse.unquote_to_bytes(request.query_string.encode("latin-1")).decode("utf-8")
+    except UnicodeError:
+        refuse(response, hug.HTTP_400, {"query": "the query string is not valid UTF-8"})
 
 
 @hug.request_middleware(api=api)

@@ -4,6 +4,7 @@ and logs what fails once per interval; it never runs silently on a file it canno
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -305,3 +306,26 @@ def test_a_full_disk_is_logged_once_per_interval_not_per_message(tmp_path, caplo
         assert answers[-20:] == [503] * 20, "the disk never filled"
     full = [r for r in caplog.records if "cannot write messages" in r.getMessage()]
     assert len(full) == 1 and "full" in full[0].getMessage()
+
+
+# --- Small things: the query string's bytes, the key from the environment ---------------
+
+
+def test_a_query_string_that_is_not_utf8_is_a_400_like_a_body():
+    with running_servers() as servers:
+        status, _, body = request(servers.port, "POST", "/messages?text=%ff")
+        assert status == 400 and "UTF-8" in json.loads(body)["errors"]["query"]
+        assert request(servers.port, "POST", "/messages?text=%C3%A9")[0] == 201  # é is fine
+        assert [m["text"] for m in get(servers.port, "/messages")[1]["messages"]] == ["é"]
+
+
+@pytest.mark.parametrize(
+    "args, key, error",
+    [
+        ([], "short", "CHAT_KEY: a room key is 16 or more"),
+        (["--no-key"], "a-room-key-for-the-tests-0123", "CHAT_KEY and --no-key: choose one"),
+    ],
+)
+def test_a_bad_key_from_the_environment_is_called_chat_key(chats, args, key, error):
+    process = chats(*args, env={**os.environ, "CHAT_KEY": key})
+    assert refusal(process).startswith(f"chat.py: error: {error}")
