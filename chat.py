@@ -1457,10 +1457,10 @@ class HistoryFile:
     """
 
     BATCH = 1000  # messages at most in one INSERT (SQLite takes up to 32,766 values)
-    # Seconds to wait for the file's lock at start. Two chats started at once both read the
-    # new file before either writes: the first to try for the lock must wait for the other
-    # to give up (it does, at once), or both say "in use". It also is how long a second chat
-    # takes to say that the file is in use.
+    # Seconds to wait for the file's lock at start. Two chats started at once may both read
+    # the new file before either writes: the one that then gets the lock must wait for the
+    # other to let go (SQLite makes the other give up at once, as both would wait forever),
+    # or both say "in use". A chat started while another runs says it after this wait.
     LOCK_WAIT = 1
     TRIM_EVERY = 100  # messages: the file holds up to --history + 100 between trims
     SCHEMA = """
@@ -1557,9 +1557,11 @@ class HistoryFile:
             return error
         # The messages are kept: what follows can fail without refusing them, but not in silence.
         try:
-            if rows and rows[-1][0] % self.TRIM_EVERY < len(rows):  # once in a while
+            if messages and messages[-1]["id"] % self.TRIM_EVERY < len(messages):  # now and then
                 # Ids have no gaps but after a failed write: this keeps --history at most.
-                self.db.execute("DELETE FROM messages WHERE id <= ?", (rows[-1][0] - self.history,))
+                self.db.execute(
+                    "DELETE FROM messages WHERE id <= ?", (messages[-1]["id"] - self.history,)
+                )
         except sqlite3.Error as error:
             log.error(
                 "--store: cannot delete the messages past --history, the file grows: %s", error
