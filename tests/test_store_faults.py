@@ -218,8 +218,9 @@ def test_guest_numbers_given_after_the_last_post_are_kept_over_a_restart(chats, 
 
 @contextlib.contextmanager
 def read_only(path):
-    """`path` read-only for this process, root included: root ignores permission bits, so
-    then the file system's immutable attribute (chattr +i), which binds root too."""
+    """`path` read-only for this process, root included. Root ignores permission bits, so
+    then the immutable attribute (chattr +i), or where the file system has none, a read-only
+    bind mount of `path` on itself: both bind root too."""
     if os.geteuid() != 0:
         mode = path.stat().st_mode
         path.chmod(0o555 if path.is_dir() else 0o444)
@@ -228,18 +229,38 @@ def read_only(path):
         finally:
             path.chmod(mode)
         return
-    chattr = shutil.which("chattr")
-    if (
-        not chattr
-        or subprocess.run([chattr, "+i", str(path)], capture_output=True, check=False).returncode
-    ):
-        if IN_CI:
-            pytest.fail(f"chattr +i {path} failed: CI must run this test")
-        pytest.skip("root ignores permission bits, and chattr +i is not possible here")
-    try:
-        yield
-    finally:
-        subprocess.run([chattr, "-i", str(path)], check=True)
+    ways = [  # (make it read-only, ..., undo it)
+        [["chattr", "+i", str(path)], ["chattr", "-i", str(path)]],
+        [
+            ["mount", "--bind", str(path), str(path)],
+            ["mount", "-o", "remount,bind,ro", str(path)],
+            ["umount", str(path)],
+        ],
+    ]
+    for *steps, undo in ways:
+        done = 0
+        while done < len(steps) and run(steps[done]):  # each step only after the one before
+            done += 1
+        if done == len(steps):
+            try:
+                yield
+            finally:
+                subprocess.run(undo, check=True)
+            return
+        if done:
+            subprocess.run(undo, check=True)
+    reason = "root ignores permission bits, and neither chattr +i nor a read-only bind mount works"
+    if IN_CI:
+        pytest.fail(f"{reason}: CI must run this test")
+    pytest.skip(reason)
+
+
+def run(command):
+    """True if `command` ran and succeeded."""
+    return (
+        bool(shutil.which(command[0]))
+        and not subprocess.run(command, capture_output=True, check=False).returncode
+    )
 
 
 def a_store_in_wal_mode(chats, folder):
