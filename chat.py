@@ -30,7 +30,6 @@ import ipaddress
 import itertools
 import json
 import math
-import os
 import signal
 import socket
 import sys
@@ -133,7 +132,7 @@ class Room:
         message = {"type": "message", "id": None, "name": name, "text": text, "ts": utc_now()}
         if ref is not None:
             message["ref"] = ref
-        return await self.history.add(message, self.guests)
+        return await self.history.add(message)
 
     def send_to_all(self, frame):
         """Encode once, serialize once, write to everyone without waiting (a client that stops
@@ -141,7 +140,11 @@ class Room:
         send_prepared(self.clients, json.dumps(frame, ensure_ascii=False))
 
     async def join(self, connection, name, since):
-        """Send the history, then count the connection in: no message can fall in between."""
+        """Send the history, then count the connection in: no message can fall in between.
+
+        First the guest count given so far is kept (--store: on disk): the history frame
+        tells a client its guest name, which no restart may give again."""
+        await self.history.guest_count_kept()
         last_piece = await self.send_all_but_the_last_piece(connection, name, since)
         # broadcast() writes the last piece without awaiting, unlike `await send()`: so no
         # message can be delivered between it and the next line, which counts this client in.
@@ -206,10 +209,11 @@ class Room:
         return self.history.messages_since(since, limit)
 
     def guest_name(self):
-        """The next guest-N that nobody goes by."""
+        """The next guest-N that nobody goes by; the history keeps the count (see join())."""
         self.guests += 1
         while names.same_name_key(f"guest-{self.guests}") in self.holders:
             self.guests += 1
+        self.history.keep_guest_count(self.guests)
         return f"guest-{self.guests}"
 
     async def health(self):
@@ -740,7 +744,7 @@ def bad_body(exception, response):
 # --- Who may talk to the chat: Host, Origin, the room key (parts/access.py) --------------
 # Before any route, in this order: a foreign Host or a foreign write is refused (403), then
 # a request without the room key where there is one (401). Then hug's fixes (parts/fixes.py):
-# bodies read as UTF-8 or refused (400, 415), HEAD answered as GET.
+# query strings and bodies read as UTF-8 or refused (400, 415), HEAD answered as GET.
 
 hug.request_middleware(api=api)(access.check_http_request)
 hug.request_middleware(api=api)(access.check_room_key)
@@ -1087,8 +1091,6 @@ def parse_args(argv):
     parser.add_argument(
         "--key",
         type=access.room_key_argument,
-        # CHAT_KEY in the environment: a key on the command line shows in every user's `ps`
-        default=os.environ.get("CHAT_KEY") or None,
         help="the room key people need, so a restart keeps the link (default: $CHAT_KEY, else a "
         "new random one when --host is not loopback or with --public-url; the same one for "
         "every --redis process)",

@@ -19,6 +19,7 @@ import http
 import http.cookies
 import ipaddress
 import json
+import os
 import re
 import secrets
 import socket
@@ -335,6 +336,13 @@ def choose_room_key(parser, args):
     exposed = args.public_url or not is_loopback(args.host)
     if args.key and args.no_key:
         parser.error("--key and --no-key: choose one")
+    if not args.key and os.environ.get("CHAT_KEY"):  # where a key stays out of every user's `ps`
+        if args.no_key:
+            parser.error("CHAT_KEY and --no-key: choose one")
+        try:
+            args.key = room_key_argument(os.environ["CHAT_KEY"])
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"CHAT_KEY: {error}")
     if args.no_key or args.key or not exposed:
         args.no_key = args.no_key and exposed  # --no-key on loopback changes nothing
         return

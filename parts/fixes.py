@@ -1,9 +1,9 @@
 """Workarounds for hug 2.6.1, falcon 2.0.0 and waitress 3, each where the library falls short.
 
 Guarantees: `import hug` works where NumPy 2 is installed (import this module before hug);
-once fix_hug(api) ran, every request body is read as UTF-8 or refused with a 400 (BadInput),
-never a 500, an unreadable Content-Type is a 415, and HEAD is answered as GET without its
-body on every route; request_host() never raises for a Host falcon cannot read;
+once fix_hug(api) ran, every query string and request body is read as UTF-8 or refused with a
+400, never a 500 nor a U+FFFD, an unreadable Content-Type is a 415, and HEAD is answered as GET
+without its body on every route; request_host() never raises for a Host falcon cannot read;
 stop_waitress() and close_websockets() stop servers that their libraries only know how to
 run until the process ends, within a few seconds; asyncio_event_loop() is asyncio's own loop
 even when hug set uvloop's policy.
@@ -15,6 +15,7 @@ import functools
 import json
 import re
 import sys
+import urllib.parse
 
 # hug 2.6.1 uses NumPy when it can import it, and then a name that NumPy 2 removed
 # (np.unicode_), so `import hug` fails. The chat needs no NumPy: it is hidden while hug loads,
@@ -39,6 +40,7 @@ def fix_hug(api):
     (falcon runs middleware in the order it was added)."""
     for media_type, reader in READERS.items():
         hug.default_input_format(media_type, api=api)(reader)
+    hug.request_middleware(api=api)(refuse_query_strings_that_are_not_utf8)
     hug.request_middleware(api=api)(refuse_unreadable_bodies)
     hug.request_middleware(api=api)(give_readers_only_the_media_type)
     hug.middleware_class(api=api)(AnswerHeadAsGet)
@@ -108,6 +110,16 @@ READABLE = (
     "text/plain",
     "multipart/form-data",
 )
+
+
+def refuse_query_strings_that_are_not_utf8(request, response):
+    """falcon decodes a query string's bytes with errors="replace": "?text=%ff" was stored
+    as U+FFFD, where the same bytes in a body are a 400. The WSGI server hands the bytes
+    over as Latin-1 (PEP 3333), so encoding them back gives them as the client sent them."""
+    try:
+        urllib.parse.unquote_to_bytes(request.query_string.encode("latin-1")).decode("utf-8")
+    except UnicodeError:
+        refuse(response, hug.HTTP_400, {"query": "the query string is not valid UTF-8"})
 
 
 def refuse_unreadable_bodies(request, response):

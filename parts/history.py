@@ -5,7 +5,9 @@ restart), SqliteHistory (--store: in a file too, over restarts) and RedisHistory
 Redis, shared by several processes). The Room calls, only from its event loop:
 
     guests = await history.open(send_to_all)  once, before any client comes
-    message, stored_now = await history.add(message, guests)
+    history.keep_guest_count(guests)  each time the room gives a guest number
+    await history.guest_count_kept()  before a client gets its history (and its guest name)
+    message, stored_now = await history.add(message)
     history.messages_since(since, limit)  kept messages after `since`, from memory, at once
     history.room_id, history.last_id, history.messages
     await history.healthy(), await history.close()
@@ -14,6 +16,9 @@ Guarantees, for all three: ids only grow, and no id is given twice; every stored
 kept here and handed to `send_to_all` exactly once, in id order, so every client sees the same
 messages in the same order; a message whose `ref` the history still keeps is not stored again:
 add() returns the one stored before, and False. messages_since() copies only what it returns.
+The guest count reaches the history only through keep_guest_count(): a history that outlives
+the process (--store) has it kept before guest_count_kept() returns and before a later add()
+stores a message, so no restart gives a guest number twice.
 """
 
 import bisect
@@ -44,12 +49,19 @@ class History:
         self.send_to_all = send_to_all
         return 0
 
-    async def add(self, message, guests):
+    def keep_guest_count(self, guests):
+        """The room gave a guest number: `guests` so far. Kept only by a history that outlives
+        the process; here numbers start again with it."""
+
+    async def guest_count_kept(self):
+        """Returns once the count last given to keep_guest_count() would survive a restart
+        (at once here)."""
+
+    async def add(self, message):
         """Give a message made by Room.post() its id, keep it and deliver it; returns it and True.
 
         A `ref` still kept means the client sent this message before (its connection dropped
         before the answer came): returns the stored one and False, and stores nothing.
-        `guests`, the room's guest count, is for a history that outlives the process.
         """
         ref = message.get("ref")
         if ref in self.refs:

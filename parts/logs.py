@@ -1,7 +1,8 @@
 """The same error logged once: a log message repeats at most once every LOG_EVERY seconds.
 
 Guarantees: log_repeated_errors_once() may be called any number of times (the filter is added
-once); it touches only the loggers of waitress, asyncio and the websocket server.
+once); it touches only the loggers of waitress, asyncio, the websocket server and the chat's
+own ("chat": a full --store disk logged a line per refused message).
 """
 
 import logging
@@ -36,5 +37,5 @@ def log_repeated_errors_once():
     """A logger's filter sees only what is logged to that logger, not to its children: so
     "waitress.queue" too, whose "Task queue depth is 1" came with every request that waited
     a moment for one of waitress's threads (many a second in a busy room)."""
-    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server"):
+    for name in ("waitress", "waitress.queue", "asyncio", "websockets.server", "chat"):
         logging.getLogger(name).addFilter(ONCE_PER_INTERVAL)  # adding it again changes nothing

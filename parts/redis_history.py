@@ -113,7 +113,7 @@ class RedisHistory(History):
         )
         self.room_id = room_id.decode()
 
-    async def add(self, message, guests):
+    async def add(self, message):
         """Store in Redis; the message reaches everyone here when Redis publishes it.
 
         Returns the stored message and True, or for a repeated ref the one stored before and False.
