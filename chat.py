@@ -44,6 +44,7 @@ import datetime
 import functools
 import hashlib
 import hmac
+import html
 import http
 import http.cookies
 import ipaddress
@@ -781,6 +782,67 @@ def page(request, response):
     return html
 
 
+@hug.get("/invite", api=api, output=hug.output_format.html)
+def invite(request, response):
+    """The invitation for the projector: the chat's link and its QR code, large.
+
+    Served to whoever may open the page (with the room key where one is needed, see
+    check_room_key()): the link it shows carries that key, as the printed one does. The
+    link names the address this page was opened at, so open it at the printed one.
+    """
+    query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
+    if policy.key and any(name == "key" for name, _ in query):
+        return keep_the_key_in_a_cookie(request, response, query)
+    host = request.get_header("Host") or request.env["SERVER_NAME"]
+    with_key = f"?key={policy.key}" if policy.key else ""
+    answer = invitation(f"{policy.page_origin(host)}/{with_key}", is_loopback(host_name(host)))
+    response.set_header("Content-Security-Policy", invitation_policy(answer))
+    return answer
+
+
+INVITATION = """<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chat: join in</title>
+<style>
+body {{ margin: 0; min-height: 100dvh; display: grid; place-content: center; gap: 2vmin;
+       background: #fff; color: #000; font: 4vmin/1.3 system-ui, sans-serif; text-align: center; }}
+h1 {{ margin: 0; font-size: 1.4em; }}
+p {{ margin: 0; overflow-wrap: anywhere; }}
+svg {{ width: 70vmin; height: 70vmin; margin: auto; }}
+.only-here {{ color: #b91c1c; font-size: .7em; }}
+</style>
+<h1>Join the chat</h1>
+{qr_code}
+<p>Scan the code, or open <a href="{link}">{link}</a></p>
+{warning}
+</html>
+"""
+
+
+def invitation(link, only_here):
+    """The invitation's HTML: a QR code drawn dark on light, whatever the screen's theme."""
+    qr_code = segno.make_qr(link).svg_inline(
+        omitsize=True, dark="#000", light="#fff", title="The chat's link as a QR code"
+    )
+    warning = (
+        '<p class="only-here">This address works only on this machine: open the invitation '
+        "at the address the chat printed.</p>"
+        if only_here
+        else ""
+    )
+    return INVITATION.format(qr_code=qr_code, link=html.escape(link), warning=warning)
+
+
+def invitation_policy(invitation_html):
+    """No script at all: only the invitation's own inline style."""
+    return (
+        f"default-src 'none'; style-src {inline_hashes(invitation_html, 'style')}; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 # --- More routes: the seed tutorial's name, health, errors as answers --------------------
 
 
@@ -1137,6 +1199,8 @@ def main(argv=None):
         print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)
     if args.public_url:
         print(f"Public:     {args.public_url}/{with_key} (through the proxy)", flush=True)
+    invitation_at = args.public_url or f"http://{url_host(addresses[0])}:{servers.port}"
+    print(f"Invitation: {invitation_at}/invite{with_key} (for the projector)", flush=True)
     if args.no_key:
         print(
             f"No room key (--no-key): anyone who can reach port {servers.port} is in.", flush=True
@@ -1180,14 +1244,31 @@ def reachable_addresses(host):
 
 
 def print_qr_code(url):
-    """The first page URL as a QR code, for phones: half blocks, two rows of modules a line.
-
-    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
-    often do not read. A terminal that cannot show the blocks gets no QR code.
-    """
+    """The first page URL as a QR code, for phones (see qr_code_lines()). A terminal that
+    cannot show the blocks gets no QR code."""
     with contextlib.suppress(UnicodeEncodeError):
-        segno.make_qr(url).terminal(out=sys.stdout, compact=True)
-    sys.stdout.flush()
+        print("\n".join(qr_code_lines(url)), flush=True)
+
+
+BLOCKS = {(0, 0): " ", (1, 0): "\u2580", (0, 1): "\u2584", (1, 1): "\u2588"}  # dark (top, bottom)
+BLACK_ON_WHITE, RESET = "\033[30;107m", "\033[0m"
+
+
+def qr_code_lines(url):
+    """A QR code of `url` for a terminal: half blocks, two rows of modules a line.
+
+    The dark modules are the drawn ones, in black on a white background, with a quiet zone
+    of 4 modules around: right on a dark terminal, a light one and a projector alike.
+    (segno's own terminal output draws in the terminal's colours: inverted on one of them.)
+    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
+    often do not read.
+    """
+    rows = [list(row) for row in segno.make_qr(url).matrix_iter(border=4)]
+    rows.append([0] * len(rows[0]))  # an odd count of rows: the last line's lower half is light
+    return [
+        BLACK_ON_WHITE + "".join(BLOCKS[pair] for pair in zip(top, bottom, strict=True)) + RESET
+        for top, bottom in zip(rows[::2], rows[1::2], strict=True)
+    ]
 
 
 # --- The command line --------------------------------------------------------------------
@@ -1748,7 +1829,7 @@ def check_room_key(request, response):
     if policy.admits(keys):
         return
     response.set_header("WWW-Authenticate", "Bearer")  # what a 401 must say: how to get in
-    if request.path in ("/", "/chat"):
+    if request.path in ("/", "/chat", "/invite"):
         refuse_page(response)
     else:
         refuse(response, "401 Unauthorized", {"key": policy.how_to_get_in()})

@@ -3575,7 +3575,8 @@ def test_browser_after_a_restart_with_another_key_says_to_open_the_new_link(
 # The command line: when there is a key, and the QR code
 
 
-QR_HALVES = {" ": (1, 1), "▀": (0, 1), "▄": (1, 0), "█": (0, 0)}  # (top, bottom); 1 is dark
+QR_HALVES = {" ": (0, 0), "▀": (1, 0), "▄": (0, 1), "█": (1, 1)}  # (top, bottom); 1 is dark
+BLACK_ON_WHITE, RESET = "\x1b[30;107m", "\x1b[0m"  # each line of the QR code: dark drawn black
 
 
 def modules_of(url):
@@ -3604,8 +3605,8 @@ def test_a_chat_on_every_address_prints_a_qr_code_of_its_first_link(chat_process
     lines = []
     while len(lines) < qr_lines(link):
         line = process.lines.get(timeout=5).rstrip("\n")
-        if set(line) <= set(QR_HALVES):  # after the URLs
-            lines.append(line)
+        if line.startswith(BLACK_ON_WHITE) and line.endswith(RESET):  # after the URLs
+            lines.append(line.removeprefix(BLACK_ON_WHITE).removesuffix(RESET))
     assert process.key and link.endswith(f"/?key={process.key}")
     assert shows_qr_code_of(lines, link)
     assert not shows_qr_code_of(lines, link.replace(process.key, process.key[::-1]))
@@ -3633,7 +3634,7 @@ def test_no_key_says_that_anyone_who_can_reach_the_port_is_in(chat_process):
     page, _ = process.urls()
     assert "?key=" not in page
     line = process.lines.get(timeout=5)
-    while line.startswith(("Chat page:", "Websocket:")):
+    while line.startswith(("Chat page:", "Websocket:", "Invitation:")):
         line = process.lines.get(timeout=5)
     assert line == f"No room key (--no-key): anyone who can reach port {process.port} is in.\n"
     assert request(process.port, "GET", "/messages")[0] == 200
