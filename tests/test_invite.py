@@ -135,3 +135,31 @@ def test_invite_with_the_key_shows_the_link_and_a_qr_code_of_it_on_the_projector
     }"""
     )
     assert decoded(image) == link
+
+
+def test_invite_with_the_key_as_a_bearer_is_a_page_without_script_for_its_own_host_only(
+    chat_process,  # noqa: F811
+):
+    process = chat_process("--port", "0", "--ws-port", "0", f"--key={KEY}")
+    process.urls()
+    with_key = {"Authorization": f"Bearer {KEY}"}
+    answer = request(process.port, "GET", "/invite", headers=with_key)
+    assert (answer.status, answer.content_type) == (200, "text/html; charset=utf-8")
+    policy = answer.headers["Content-Security-Policy"]
+    assert policy.startswith("default-src 'none'; ") and "script-src" not in policy
+    assert answer.body.count(b"<svg") == 1
+    assert f"http://127.0.0.1:{process.port}/?key={KEY}".encode() in answer.body
+    # the Host rules of every route: a name that is not this chat's is refused
+    foreign = request(process.port, "GET", "/invite", headers={**with_key, "Host": "evil.example"})
+    assert foreign.status == 403
+
+
+def test_invite_needs_no_key_where_the_chat_needs_none_and_says_a_loopback_link_is_local(
+    chat_process,  # noqa: F811
+):
+    process = chat_process("--port", "0", "--ws-port", "0")  # loopback: no room key
+    process.urls()
+    status, _, body = request(process.port, "GET", "/invite")
+    assert status == 200
+    assert f"http://127.0.0.1:{process.port}/<".encode() in body  # the link, without a key
+    assert b"works only on this machine" in body
