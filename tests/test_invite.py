@@ -6,10 +6,9 @@ import base64
 import re
 
 import pytest
+import zxingcpp  # requirements-test.txt
 
 from test_chat import browser, chat, chat_process, open_page, request  # noqa: F401
-
-zxingcpp = pytest.importorskip("zxingcpp", reason="python -m pip install -r requirements-test.txt")
 
 LINK = "http://192.168.1.23:8000/?key=Workshop-Room-Key-1234"
 KEY = "Workshop-Room-Key-1234"
