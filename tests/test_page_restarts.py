@@ -17,7 +17,7 @@ STEP = "step3_hug.py"  # serves chat.html and gives no room id
 RESTARTED = "The server restarted: a new room begins here."
 
 
-class StepProcess(ChatProcess):
+class StepWithoutNumPy(ChatProcess):
     """`python steps/STEP ARGS`, where `import numpy` fails: hug 2.6.1 imports NumPy when it
     can, and NumPy 2 breaks that import (chat.py keeps NumPy away itself; the step does not)."""
 
@@ -43,7 +43,7 @@ def servers(no_numpy):
     def start(script, ports):
         options = ["--port", str(ports[0]), "--ws-port", str(ports[1])]
         server = (
-            StepProcess(script, *options, no_numpy=no_numpy)
+            StepWithoutNumPy(script, *options, no_numpy=no_numpy)
             if script.startswith("step")
             else ChatProcess(*options)
         )
