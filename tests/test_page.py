@@ -19,6 +19,7 @@ from tests.helpers import (
     PHONE,
     RTL_NAME,
     RTL_TEXT,
+    ask_room,
     free_port,
     joined,
     post,
@@ -141,6 +142,7 @@ def test_browser_reconnects_after_a_drop_and_shows_what_it_missed_once(server, o
         for text in ["missed 1", "missed 2"]:
             await the_room().post("bob", text)
 
+    ask_room(drop_everyone_then_post())
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2"])
     post(server.port, "/messages", {"name": "bob", "text": "after"})
     expect(texts(page)).to_have_text(["before 1", "before 2", "missed 1", "missed 2", "after"])
