@@ -549,6 +549,7 @@ ALL_ROUTES = [
     ("GET", "/messages"),
     ("GET", "/get_messages"),
     ("GET", "/health"),
+    ("GET", "/invite"),
     ("GET", "/nope"),
     ("POST", "/messages"),
     ("POST", "/send_message"),
