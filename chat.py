@@ -50,6 +50,7 @@ from parts.access import POLICY, Policy, url_host
 from parts.errors import RETRY_AFTER, BadInput, NameTaken, RoomUnavailable, TooFast
 from parts.fixes import close_websockets, request_host, stop_waitress, without_nulls
 from parts.history import History
+from parts.invitation import invitation, invitation_policy
 from parts.logs import log_repeated_errors_once
 from parts.sending import connection_limits, raise_fd_limit, send_prepared
 from parts.voices import Buckets, ChatConnection, Turns, check_request, voice_of
@@ -741,6 +742,29 @@ def bad_body(exception, response):
     return {"errors": {"body": str(exception)}}
 
 
+# --- The invitation for the projector: the link and its QR code (parts/invitation.py) ----
+
+
+@hug.get("/invite", api=api, output=hug.output_format.html)
+def invite(request, response):
+    """The chat's link and its QR code, large, for the projector.
+
+    Served to whoever may open the page (with the room key where one is needed, see
+    access.check_room_key()): the link it shows carries that key, as the printed one does. The
+    link names the address this page was opened at, so open it at the printed one.
+    """
+    policy = request.env[POLICY]
+    query = urllib.parse.parse_qsl(request.query_string, keep_blank_values=True)
+    if policy.key and any(name == "key" for name, _ in query):
+        return access.keep_the_key_in_a_cookie(request, response, query)
+    host = url_host(request_host(request))
+    with_key = f"?key={policy.key}" if policy.key else ""
+    link = f"{policy.page_origin(host)}/{with_key}"
+    answer = invitation(link, access.is_loopback(access.host_name(host)))
+    response.set_header("Content-Security-Policy", invitation_policy(answer))
+    return answer
+
+
 # --- Who may talk to the chat: Host, Origin, the room key (parts/access.py) --------------
 # Before any route, in this order: a foreign Host or a foreign write is refused (403), then
 # a request without the room key where there is one (401). Then hug's fixes (parts/fixes.py):
@@ -991,6 +1015,8 @@ def main(argv=None):
         print(f"Websocket:  ws://{url_host(address)}:{servers.ws_port}/{with_key}", flush=True)
     if settings.public_url:
         print(f"Public:     {settings.public_url}/{with_key} (through the proxy)", flush=True)
+    invitation_at = settings.public_url or f"http://{url_host(addresses[0])}:{servers.port}"
+    print(f"Invitation: {invitation_at}/invite{with_key} (for the projector)", flush=True)
     if settings.no_key:
         print(
             f"No room key (--no-key): anyone who can reach port {servers.port} is in.", flush=True
@@ -1034,14 +1060,31 @@ def reachable_addresses(host):
 
 
 def print_qr_code(url):
-    """The first page URL as a QR code, for phones: half blocks, two rows of modules a line.
-
-    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
-    often do not read. A terminal that cannot show the blocks gets no QR code.
-    """
+    """The first page URL as a QR code, for phones (see qr_code_lines()). A terminal that
+    cannot show the blocks gets no QR code."""
     with contextlib.suppress(UnicodeEncodeError):
-        segno.make_qr(url).terminal(out=sys.stdout, compact=True)
-    sys.stdout.flush()
+        print("\n".join(qr_code_lines(url)), flush=True)
+
+
+BLOCKS = {(0, 0): " ", (1, 0): "\u2580", (0, 1): "\u2584", (1, 1): "\u2588"}  # dark (top, bottom)
+BLACK_ON_WHITE, RESET = "\033[30;107m", "\033[0m"
+
+
+def qr_code_lines(url):
+    """A QR code of `url` for a terminal: half blocks, two rows of modules a line.
+
+    The dark modules are the drawn ones, in black on a white background, with a quiet zone
+    of 4 modules around: right on a dark terminal, a light one and a projector alike.
+    (segno's own terminal output draws in the terminal's colours: inverted on one of them.)
+    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
+    often do not read.
+    """
+    rows = [list(row) for row in segno.make_qr(url).matrix_iter(border=4)]
+    rows.append([0] * len(rows[0]))  # an odd count of rows: the last line's lower half is light
+    return [
+        BLACK_ON_WHITE + "".join(BLOCKS[pair] for pair in zip(top, bottom, strict=True)) + RESET
+        for top, bottom in zip(rows[::2], rows[1::2], strict=True)
+    ]
 
 
 # --- The command line --------------------------------------------------------------------

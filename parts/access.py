@@ -170,7 +170,8 @@ def check_http_request(request, response):
 
 def check_room_key(request, response):
     """Where strangers can reach the chat, only those with the room key get anything but /health
-    (for monitors): a JSON 401 that says how to get in, or for the page a page that says it."""
+    (for monitors): a JSON 401 that says how to get in, or for a page a person opens (the chat,
+    the invitation) a page that says it."""
     policy = request.env[POLICY]
     if policy.key is None or request.path == "/health":
         return
@@ -184,7 +185,7 @@ def check_room_key(request, response):
     if policy.admits(keys):
         return
     response.set_header("WWW-Authenticate", "Bearer")  # what a 401 must say: how to get in
-    if request.path in ("/", "/chat"):
+    if request.path in ("/", "/chat", "/invite"):
         refuse_page(response)
     else:
         refuse(response, "401 Unauthorized", {"key": policy.how_to_get_in()})

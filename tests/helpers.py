@@ -555,6 +555,7 @@ ALL_ROUTES = [
     ("GET", "/messages"),
     ("GET", "/get_messages"),
     ("GET", "/health"),
+    ("GET", "/invite"),
     ("GET", "/nope"),
     ("POST", "/messages"),
     ("POST", "/send_message"),
@@ -688,7 +689,8 @@ def connect_from(servers, source, path="/", query=(), **options):
     return async_connect(ws_url(servers, path, **dict(query)), local_addr=(source, 0), **options)
 
 
-QR_HALVES = {" ": (1, 1), "▀": (0, 1), "▄": (1, 0), "█": (0, 0)}  # (top, bottom); 1 is dark
+QR_HALVES = {" ": (0, 0), "▀": (1, 0), "▄": (0, 1), "█": (1, 1)}  # (top, bottom); 1 is dark
+BLACK_ON_WHITE, RESET = "\x1b[30;107m", "\x1b[0m"  # each line of the QR code: dark drawn black
 
 
 def modules_of(url):

@@ -18,8 +18,9 @@ from websockets.sync.client import connect
 
 from tests.helpers import (
     ALL_ROUTES,
+    BLACK_ON_WHITE,
     PUBLIC,
-    QR_HALVES,
+    RESET,
     ROOM_KEY,
     RUNNING,
     ask_room,
@@ -74,7 +75,7 @@ def test_without_the_key_every_route_but_health_is_refused_saying_how_to_get_in(
         assert status == 200
         return
     assert answer.headers["WWW-Authenticate"] == "Bearer"
-    if path in ("/", "/chat"):
+    if path in ("/", "/chat", "/invite"):  # the pages a person opens
         assert status == 401 and content_type == "text/html; charset=utf-8"
         assert b"Open the link the chat printed" in body and b"stranger" not in body
     else:
@@ -186,8 +187,8 @@ def test_a_chat_on_every_address_prints_a_qr_code_of_its_first_link(chat_process
     lines = []
     while len(lines) < qr_lines(link):
         line = process.lines.get(timeout=5).rstrip("\n")
-        if set(line) <= set(QR_HALVES):  # after the URLs
-            lines.append(line)
+        if line.startswith(BLACK_ON_WHITE) and line.endswith(RESET):  # after the URLs
+            lines.append(line.removeprefix(BLACK_ON_WHITE).removesuffix(RESET))
     assert process.key and link.endswith(f"/?key={process.key}")
     assert shows_qr_code_of(lines, link)
     assert not shows_qr_code_of(lines, link.replace(process.key, process.key[::-1]))
@@ -215,7 +216,7 @@ def test_no_key_says_that_anyone_who_can_reach_the_port_is_in(chat_process):
     page, _ = process.urls()
     assert "?key=" not in page
     line = process.lines.get(timeout=5)
-    while line.startswith(("Chat page:", "Websocket:")):
+    while line.startswith(("Chat page:", "Websocket:", "Invitation:")):
         line = process.lines.get(timeout=5)
     assert line == f"No room key (--no-key): anyone who can reach port {process.port} is in.\n"
     assert request(process.port, "GET", "/messages")[0] == 200

@@ -46,6 +46,7 @@ from tests.helpers import (
 
 README = CHAT_PY.with_name("README.md")
 ESCAPES = re.compile(r"\x1b(\[[0-9;]*[A-Za-z]|[78])")  # the interactive client's cursor moves
+COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # the QR code's black on white, as a reader sees it
 
 
 class Walkthrough:
@@ -128,7 +129,7 @@ class Terminal:
 
     def _read(self):
         for line in self.process.stdout:
-            for part in ESCAPES.sub("\n", line).splitlines():
+            for part in ESCAPES.sub("\n", COLOURS.sub("", line)).splitlines():
                 self.lines.put(part.removeprefix("> "))
 
     def type(self, line):
@@ -272,9 +273,9 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     assert [m["text"] for m in json.loads(listed.output())["messages"]] == ["hello from HTTP"]
     stopped_by_ctrl_c(step3)
 
-    # Step 4: chat.py prints the two URLs the README shows (here on free ports).
+    # Step 4: chat.py prints the URLs the README shows (here on free ports).
     server = terminals(steps.take(r"python chat\.py") + " --port 0 --ws-port 0")
-    printed = steps.listening(server)
+    printed = [*steps.listening(server), server.expect("Invitation:")]
     assert printed == steps.output("Chat page:  http://127.0.0.1:8000/").splitlines()
 
     # Step 1 lives on at /echo.
@@ -329,14 +330,18 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
     steps.port, steps.ws_port = (link.port for link in links)
     key = links[0].query  # key=..., its own in each run
     shown = steps.swap_ports(steps.outputs[-1]).splitlines()
-    expected = [re.sub(r"key=[\w-]+", key, line) for line in shown if "://" in line]
+    links = ("Chat page:", "Websocket:")
+    expected = [re.sub(r"key=[\w-]+", key, line) for line in shown if line.startswith(links)]
     assert expected[-2:] == printed[-2:]
     assert "0.0.0.0" not in "".join(printed)
     link = printed[0].split()[-1]
+    invitation = link.replace("/?", "/invite?")  # at the first address too
+    assert room.expect("Invitation:") == f"Invitation: {invitation} (for the projector)"
+    assert shown[len(expected)].startswith("Invitation: ")  # the README shows it there
     qr_code = [room.expect(lambda line: True) for _ in range(qr_lines(link))]
     assert shows_qr_code_of(qr_code, link)  # of the first link, for phones to scan
     readme = steps.outputs[-1].splitlines()  # its ports as the README has them
-    assert shows_qr_code_of(readme[len(expected) :], readme[0].split()[-1])  # and the README's
+    assert shows_qr_code_of(readme[len(expected) + 1 :], readme[0].split()[-1])  # and the README's
     for line in printed[::2]:
         page = urllib.parse.urlsplit(line.split()[-1])
         connection = http.client.HTTPConnection(page.hostname, page.port, timeout=10)
