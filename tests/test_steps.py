@@ -5,22 +5,39 @@ not ready; docs/workshop.md's code is the files' code, and its commands run as w
 import ast
 import contextlib
 import functools
+import http.client
 import importlib
 import itertools
 import json
 import os
+import queue
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
 
-from test_chat import ChatProcess, browser, get, open_page, post, receive, request, say, texts  # noqa: F401
+from test_chat import (  # noqa: F401
+    ChatProcess,
+    browser,
+    get,
+    open_page,
+    post,
+    qr_lines,
+    receive,
+    request,
+    say,
+    shows_qr_code_of,
+    texts,
+)
 
 ROOT = Path(__file__).parent.parent
 STEPS = ROOT / "steps"
@@ -500,3 +517,363 @@ def test_each_step_adds_about_60_lines_at_most_to_the_one_before():
         new = [line for line in after.read_text(encoding="utf-8").splitlines() if line.strip()]
         added = len([line for line in new if line not in old])
         assert added <= 66, f"{after.name} adds {added} lines of code to {before.name}"
+
+
+# --- The walkthrough, run as docs/workshop.md writes it ----------------------------------------
+# Every shell command of the workshop (and of the README's workshop room) runs as written: real
+# curl, the real `python -m websockets` client fed through its stdin, servers on free ports. What
+# the text says you will see is checked. A command the test does not know, or one it looks for
+# and cannot find, fails the test: a step of the walkthrough cannot break silently.
+
+ESCAPES = re.compile(r"\x1b(\[[0-9;]*[A-Za-z]|[78])")  # the interactive client's cursor moves
+
+
+class Walkthrough:
+    """The walkthrough's shell commands (PowerShell's too, with curl.exe as curl), in order, and
+    its example output blocks."""
+
+    def __init__(self):
+        readme = (ROOT / "README.md").read_text(encoding="utf-8")
+        room = readme.split("## A workshop room", 1)[1].split("\n## ", 1)[0]
+        text = WORKSHOP.read_text(encoding="utf-8") + room
+        blocks = re.findall(r"```(\w*)\n(.*?)```", text, flags=re.DOTALL)
+        self.commands = [
+            line.replace("curl.exe ", "curl ")
+            for kind, body in blocks
+            if kind in ("sh", "powershell")
+            for line in body.replace("\\\n", "").splitlines()
+            if line.strip()
+        ]
+        self.outputs = [body for kind, body in blocks if kind == ""]
+        self.port, self.ws_port = 8000, 8765
+        self.unused = list(self.commands)
+
+    def take(self, pattern):
+        """The next command not run yet that matches `pattern` (a regex, matched whole)."""
+        found = [c for c in self.unused if re.fullmatch(pattern, " ".join(c.split()))]
+        assert found, (
+            f"the walkthrough has no {pattern!r} left: update docs/workshop.md or this test"
+        )
+        self.unused.remove(found[0])
+        return self.swap_ports(found[0])
+
+    def again(self, pattern):
+        """A command run before, that the text says to run again ("as in step 3")."""
+        done = [c for c in self.commands if c not in self.unused]
+        found = [c for c in done if re.fullmatch(pattern, " ".join(c.split()))]
+        assert found, f"the walkthrough ran no {pattern!r} before"
+        return self.swap_ports(found[0])
+
+    def start(self, terminals, pattern, http=False):
+        """A step or chat.py, started by its command on free ports; its URLs stand for the
+        walkthrough's ports from now on."""
+        server = terminals(self.take(pattern) + (" --port 0" if http else "") + " --ws-port 0")
+        printed = [server.expect("Chat page:")] if http else []
+        printed.append(server.expect("Websocket:"))
+        ports = [int(line.rsplit(":", 1)[1].strip("/")) for line in printed]
+        self.port, self.ws_port = ports if http else (self.port, *ports)
+        server.printed = printed
+        return server
+
+    def output(self, first):
+        found = [body for body in self.outputs if body.startswith(first)]
+        assert len(found) == 1, f"the walkthrough has {len(found)} outputs like {first!r}"
+        return self.swap_ports(found[0])
+
+    def swap_ports(self, text):
+        return text.replace(":8000", f":{self.port}").replace(":8765", f":{self.ws_port}")
+
+
+class Terminal:
+    """A command typed into a shell, as a reader would: lines go to its stdin, output is read back."""
+
+    def __init__(self, command):
+        command = re.sub(r"^python ", f"{shlex.quote(sys.executable)} ", command)
+        self.process = subprocess.Popen(
+            ["bash", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            preexec_fn=as_in_a_terminal,  # noqa: PLW1509 (it only resets a signal)
+        )
+        self.heard = False
+        self.lines, self.errors = queue.Queue(), []
+        self.readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True),
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            for part in ESCAPES.sub("\n", line).splitlines():
+                self.lines.put(part.removeprefix("> "))
+
+    def type(self, line):
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, wanted, timeout=10):
+        """The next output line for which `wanted(line)` is true (or that starts with `wanted`)."""
+        check = wanted if callable(wanted) else lambda line: line.startswith(wanted)
+        seen = []
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout if self.heard else max(timeout, STARTING))
+                self.heard = True
+            except queue.Empty:
+                errors = "".join(self.errors)[-2000:]
+                raise AssertionError(
+                    f"never saw {wanted!r}; saw {seen}; stderr: {errors}"
+                ) from None
+            seen.append(line)
+            if check(line):
+                return line
+
+    def expect_frame(self, kind, **fields):
+        """The next frame (`< {...}` from the interactive client) of this type with these fields."""
+
+        def matches(line):
+            if not line.startswith("< {"):
+                return False
+            frame = json.loads(line[2:])
+            return frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items())
+
+        return json.loads(self.expect(matches)[2:])
+
+    def output(self, timeout=10):
+        """Everything it printed, once it has finished."""
+        self.process.wait(timeout)
+        self.readers[0].join(timeout)
+        return "\n".join(self.lines.queue)
+
+    def ctrl_c(self):
+        """Ctrl+C, as a reader stops a server before the next one: exit status 0."""
+        self.process.send_signal(signal.SIGINT)
+        assert self.process.wait(10) == 0
+
+    def close(self):
+        """Ctrl+D; then make sure it is gone."""
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        for reader in self.readers:
+            reader.join(5)
+        for pipe in (self.process.stdout, self.process.stderr, self.process.stdin):
+            pipe.close()
+
+
+@pytest.fixture
+def terminals():
+    opened = []
+
+    def open_terminal(command):
+        opened.append(Terminal(command))
+        return opened[-1]
+
+    yield open_terminal
+    for terminal in opened:
+        if terminal.process.poll() is None:
+            terminal.process.send_signal(signal.SIGINT)
+        terminal.close()
+        assert "Traceback" not in "".join(terminal.errors)
+
+
+def client(steps, terminals, pattern):
+    """An interactive websocket client, by its command; it says when it is connected."""
+    terminal = terminals(steps.take(pattern))
+    terminal.expect("Connected to")
+    return terminal
+
+
+@pytest.mark.timeout(300)  # some twenty processes, each started as the reader starts it
+def test_the_workshop_walkthrough_works_as_written(terminals):
+    if shutil.which("curl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the walkthrough test must run under CI: apt-get install curl")
+        pytest.skip("no curl on this machine: apt-get install curl")
+    steps = Walkthrough()
+    ws = r"python -m websockets "
+
+    # Step 0: one line per item, each ok or FIX, and the verdict last.
+    checked = terminals(steps.take(r"python steps/check\.py")).output(STARTING).splitlines()
+    assert all(line.startswith(("ok   ", "FIX  ")) for line in checked[:-1])
+    assert checked[-1] in (
+        "Ready.",
+        "Not ready yet: fix the lines marked FIX, then run this again.",
+    )
+
+    # Step 1: the echo prints its URL; what you type comes back. Its solution greets and counts.
+    step = steps.start(terminals, r"python steps/step1_echo\.py")
+    assert step.printed == [steps.swap_ports("Websocket:  ws://127.0.0.1:8765/")]
+    echo = client(steps, terminals, ws + r"ws://127\.0\.0\.1:8765/")
+    echo.type("hello")
+    echo.expect("< hello")
+    echo.close()
+    step.ctrl_c()
+    step = steps.start(terminals, r"python steps/step1_count_solution\.py")
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/") as first:
+        assert first.recv(timeout=5) == "welcome, client 1"
+        first.send("hello")
+        assert first.recv(timeout=5) == "1: hello"
+    step.ctrl_c()
+
+    # Step 2: what one client types, both receive. Its solution: rooms by path.
+    step = steps.start(terminals, r"python steps/step2_broadcast\.py")
+    one = client(steps, terminals, ws + r"ws://127\.0\.0\.1:8765/")
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/") as other:
+        one.type("hello everyone")
+        one.expect("< hello everyone")
+        assert other.recv(timeout=5) == "hello everyone"
+    one.close()
+    step.ctrl_c()
+    step = steps.start(terminals, r"python steps/step2_rooms_solution\.py")
+    kitchen = client(steps, terminals, ws + r"ws://127\.0\.0\.1:8765/kitchen")
+    garden = client(steps, terminals, ws + r"ws://127\.0\.0\.1:8765/garden")
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/kitchen") as cook:
+        garden.type("roses")
+        garden.expect("< roses")
+        kitchen.type("soup")
+        kitchen.expect("< soup")
+        assert cook.recv(timeout=5) == "soup"  # and not the roses
+    for terminal in (kitchen, garden):
+        terminal.close()
+    step.ctrl_c()
+
+    # Step 3: alice and bob each get history first; "hello" from alice reaches both, with id 1.
+    step = steps.start(terminals, r"python steps/step3_room\.py")
+    alice_command = ws + r'"ws://127\.0\.0\.1:8765/\?name=alice"'
+    bob_command = ws + r'"ws://127\.0\.0\.1:8765/\?name=bob"'
+    alice, bob = (client(steps, terminals, command) for command in (alice_command, bob_command))
+    for person in (alice, bob):
+        person.expect_frame("history")
+    alice.type("hello")
+    for person in (alice, bob):
+        message = person.expect_frame("message", text="hello")
+        assert (message["id"], message["name"]) == (1, "alice")
+    for frame in steps.output('{"type": "message"').splitlines():  # the JSON frames shown
+        alice.type(frame)
+    assert bob.expect_frame("message", text="hi")["name"] == "alice"
+    bob.expect(lambda line: line.startswith("< {") and '"to": "alice2"' in line)
+    for person in (alice, bob):
+        person.close()
+    step.ctrl_c()
+    step = steps.start(terminals, r"python steps/step3_typing_solution\.py")
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=alice") as typist:
+        receive(typist, "history")
+        with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=bob") as reader:
+            receive(reader, "history")
+            typist.send('{"type": "typing"}')
+            assert receive(reader, "typing") == {"type": "typing", "name": "alice"}
+    step.ctrl_c()
+
+    # Step 4: curl posts (a form); a websocket client sees it; GET /messages lists it.
+    step = steps.start(terminals, r"python steps/step4_hug\.py", http=True)
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=watcher") as watcher:
+        receive(watcher, "history")
+        posted = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*"))
+        assert json.loads(posted.output())["text"] == "hello from HTTP"
+        assert receive(watcher, "message")["name"] == "curl"
+    listed = terminals(steps.take(r'curl "http://127\.0\.0\.1:8000/messages\?since=0"'))
+    assert [m["text"] for m in json.loads(listed.output())["messages"]] == ["hello from HTTP"]
+    step.ctrl_c()
+    step = steps.start(terminals, r"python steps/step4_online_solution\.py", http=True)
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=alice") as present:
+        receive(present, "history")
+        online = terminals(steps.take(r"curl http://127\.0\.0\.1:8000/online"))
+        assert json.loads(online.output()) == {"online": ["alice"]}
+    step.ctrl_c()
+
+    # Step 5: one, two; bob leaves; three; bob back with since=2 gets only three.
+    step = steps.start(terminals, r"python steps/step5_restarts\.py", http=True)
+    alice, bob = (client(steps, terminals, command) for command in (alice_command, bob_command))
+    for person in (alice, bob):
+        person.expect_frame("history")
+    for text in ["one", "two"]:
+        alice.type(text)
+        bob.expect_frame("message", text=text)
+    bob.close()
+    alice.type("three")
+    alice.expect_frame("message", text="three")
+    bob = client(steps, terminals, ws + r'"ws://127\.0\.0\.1:8765/\?name=bob&since=2"')
+    assert [m["text"] for m in bob.expect_frame("history")["messages"]] == ["three"]
+    for person in (alice, bob):
+        person.close()
+    step.ctrl_c()
+    step = steps.start(terminals, r"python steps/step5_private_solution\.py", http=True)
+    carol = client(steps, terminals, ws + r'"ws://127\.0\.0\.1:8765/\?name=carol"')
+    carol.expect_frame("history")
+    with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=alice") as sender:
+        receive(sender, "history")
+        sender.send('{"type": "private", "to": "carol", "text": "psst"}')
+        assert carol.expect_frame("private")["from"] == "alice"
+    carol.close()
+    step.ctrl_c()
+
+    # Step 6: chat.py prints the two URLs shown (here on free ports); step 1 lives on at /echo.
+    server = steps.start(terminals, r"python chat\.py", http=True)
+    assert server.printed == steps.output("Chat page:  http://127.0.0.1:8000/").splitlines()
+    echo = client(steps, terminals, ws + r"ws://127\.0\.0\.1:8765/echo")
+    echo.type("hello")
+    echo.expect("< hello")
+    echo.close()
+    # As in step 3: first; bob leaves; more; bob back with the last id he saw, 1.
+    alice, bob = (terminals(steps.again(command)) for command in (alice_command, bob_command))
+    for person in (alice, bob):
+        person.expect_frame("history")
+    alice.type("first")
+    bob.expect_frame("message", text="first")
+    bob.close()
+    for text in ["while bob was away", "and more"]:
+        alice.type(text)
+        alice.expect_frame("message", text=text)
+    bob = client(steps, terminals, ws + r'"ws://127\.0\.0\.1:8765/\?name=bob&since=1"')
+    history = bob.expect_frame("history")
+    assert [m["text"] for m in history["messages"]] == ["while bob was away", "and more"]
+    health = terminals(steps.take(r"curl http://127\.0\.0\.1:8000/health"))
+    assert json.loads(health.output())["clients"] == 2  # alice and bob
+    bad = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*\{oops'"))
+    assert "not valid JSON" in json.loads(bad.output())["errors"]["body"]
+    alice.type("")
+    assert alice.expect_frame("error")["error"] == "text is empty"
+    another = terminals(steps.take(r"python chat\.py --port 0 --ws-port 0"))
+    assert re.fullmatch(r"Chat page:  http://127\.0\.0\.1:[1-9]\d*/", another.expect("Chat page:"))
+    another.process.send_signal(signal.SIGINT)
+    another.expect("Stopped.")
+    assert another.process.wait(5) == 0
+
+    # The README's workshop room: every printed address opens (never 0.0.0.0), loopback last.
+    room = terminals(steps.take(r"python chat\.py --host 0\.0\.0\.0") + " --port 0 --ws-port 0")
+    printed = [room.expect("Chat page:"), room.expect("Websocket:")]
+    while "//127.0.0.1:" not in printed[-2]:
+        printed += [room.expect("Chat page:"), room.expect("Websocket:")]
+    links = [urllib.parse.urlsplit(line.split()[-1]) for line in printed[-2:]]
+    steps.port, steps.ws_port = (link.port for link in links)
+    key = links[0].query
+    shown = steps.swap_ports(steps.outputs[-1]).splitlines()
+    expected = [re.sub(r"key=[\w-]+", key, line) for line in shown if "://" in line]
+    assert expected[-2:] == printed[-2:]
+    assert "0.0.0.0" not in "".join(printed)
+    link = printed[0].split()[-1]
+    qr_code = [room.expect(lambda line: True) for _ in range(qr_lines(link))]
+    assert shows_qr_code_of(qr_code, link)
+    readme = steps.outputs[-1].splitlines()
+    assert shows_qr_code_of(readme[len(expected) :], readme[0].split()[-1])
+    for line in printed[::2]:
+        page = urllib.parse.urlsplit(line.split()[-1])
+        connection = http.client.HTTPConnection(page.hostname, page.port, timeout=10)
+        for path, status in [("/health", 200), ("/", 401), (f"/?{key}", 303)]:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == status
+        connection.close()
+
+    assert steps.unused == [], "walkthrough commands this test does not run: teach it the new step"
