@@ -783,6 +783,11 @@ def test_the_workshop_walkthrough_works_as_written(terminals):
         assert receive(watcher, "message")["name"] == "curl"
     listed = terminals(steps.take(r'curl "http://127\.0\.0\.1:8000/messages\?since=0"'))
     assert [m["text"] for m in json.loads(listed.output())["messages"]] == ["hello from HTTP"]
+    # Windows' curl.exe lines: the same commands, run here with curl
+    posted = terminals(steps.take(r"curl -X POST http://127\.0\.0\.1:8000/messages .*"))
+    assert json.loads(posted.output())["text"] == "hello from HTTP"
+    listed = terminals(steps.take(r'curl "http://127\.0\.0\.1:8000/messages\?since=0"'))
+    assert [m["text"] for m in json.loads(listed.output())["messages"]] == ["hello from HTTP"] * 2
     step.ctrl_c()
     step = steps.start(terminals, r"python steps/step4_online_solution\.py", http=True)
     with connect(f"ws://127.0.0.1:{steps.ws_port}/?name=alice") as present:
