@@ -512,11 +512,12 @@ def test_each_step_adds_about_60_lines_at_most_to_the_one_before():
     steps = sorted(STEPS.glob("step?_*.py"))
     steps = [path for path in steps if not path.stem.endswith("_solution")]
     assert [path.name[:5] for path in steps] == ["step1", "step2", "step3", "step4", "step5"]
+    # lines of code (not blank) that the step before does not have
     for before, after in itertools.pairwise(steps):
         old = before.read_text(encoding="utf-8").splitlines()
         new = [line for line in after.read_text(encoding="utf-8").splitlines() if line.strip()]
         added = len([line for line in new if line not in old])
-        assert added <= 66, f"{after.name} adds {added} lines of code to {before.name}"
+        assert added <= 65, f"{after.name} adds {added} lines of code to {before.name}"
 
 
 # --- The walkthrough, run as docs/workshop.md writes it ----------------------------------------
