@@ -464,6 +464,21 @@ def test_workshop_shows_steps_1_and_2_whole():
         assert quoted[step] == (ROOT / step).read_text(encoding="utf-8").splitlines()
 
 
+def test_workshop_shows_every_new_line_of_each_solution():
+    """What an attendee types for an exercise is all on the page, beside the exercise."""
+    shown = {}
+    for path, lines in workshop_python_blocks():
+        shown.setdefault(path, []).extend(lines)
+    for solution in STEPS.glob("step*_solution.py"):
+        step = next(STEPS.glob(solution.name[:6] + "*[!n].py"))  # step3_typing_... -> step3_room
+        before = step.read_text(encoding="utf-8").splitlines()
+        after = solution.read_text(encoding="utf-8").splitlines()
+        docstring_end = after.index("", 1)  # the module docstring says which exercise it solves
+        new = [line for line in after[docstring_end:] if line.strip() and line not in before]
+        missing = [line for line in new if line not in shown[f"steps/{solution.name}"]]
+        assert new and missing == [], f"docs/workshop.md does not show {solution.name}'s {missing}"
+
+
 def defined_names():
     """Top-level names (functions, classes, assignments, imports) of chat.py, the modules beside
     it and the steps, and `Class.method` for what their classes define."""
