@@ -1,19 +1,18 @@
-"""Step 3: step 2 beside hug. hug's routes (GET/POST /messages, /config, the page) run in
-waitress's threads, the room on an asyncio event loop in a thread of its own. One bridge joins
-them: ask_room(), which is asyncio.run_coroutine_threadsafe(). It serves the real chat.html.
-
-Left out, and where chat.py has it: Host and Origin checks (Policy), bad input as 400s
-(clean_text(), read_json()), a loop too busy to answer (ask_loop()), a room id that tells a
-page the server restarted, a repeated ref stored once (Room.post()), SIGTERM (main())."""
+"""Step 5: a room that survives reconnects and restarts: step 4 plus a client that says what it
+has (since=, and the room id, new on each start, for which ids began again) and a message sent
+twice (its ref) kept once. What a page that lost its connection sends, comes once and in order."""
 
 import argparse
 import asyncio
 import datetime
 import json
+import secrets
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
 
+sys.modules.setdefault("numpy", None)  # hug 2.6.1 fails to import beside NumPy 2, and needs none
 import hug
 import waitress
 from websockets.asyncio.server import broadcast, serve
@@ -28,25 +27,32 @@ class Room:
         self.messages = []
         self.guests = 0
         self.clients = {}  # connection -> name
+        self.room_id = secrets.token_hex(8)  # new on each start: a page then knows ids began again
+        self.refs = {}  # ref -> the message that carries it
 
     def post(self, name, text, ref=None):
+        """Store and send a message; one whose ref the room has seen is not stored again."""
+        if ref in self.refs:  # sent again: the connection dropped before the message came back
+            return self.refs[ref], False
         now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
         message = {"type": "message", "id": len(self.messages) + 1, "name": name, "text": text}
         message["ts"] = now.replace("+00:00", "Z")
         if ref is not None:  # the page's own id for it: how the page knows its message came back
             message["ref"] = ref
+            self.refs[ref] = message
         self.messages.append(message)
-        broadcast(self.clients, json.dumps(message))
-        return message
+        self.send_to_all(message)
+        return message, True
 
-    async def fetch(self, since, limit):
-        """GET /messages: a coroutine, so that ask_room() can hand it to the loop."""
-        return [message for message in self.messages if message["id"] > since][:limit]
+    def send_to_all(self, frame):
+        """Encode once, write to everyone without waiting for any of them."""
+        broadcast(self.clients, json.dumps(frame))
 
-    def join(self, connection, name):
+    def join(self, connection, name, since):
         """Send the history, then count the connection in: no message can fall in between."""
         online = list(self.clients.values())
-        history = {"type": "history", "name": name, "messages": self.messages, "online": online}
+        history = {"type": "history", "room": self.room_id, "name": name, "online": online}
+        history["messages"] = self.messages_since(since)  # only what the client has not seen
         broadcast([connection], json.dumps(history))
         self.clients[connection] = name
         self.presence_changed(joined=name)
@@ -59,11 +65,18 @@ class Room:
         self.presence_changed(renamed={"from": old, "to": name})
 
     def presence_changed(self, **change):
-        broadcast(self.clients, json.dumps({"type": "presence", **change, "changes": [change]}))
+        self.send_to_all({"type": "presence", **change, "changes": [change]})
 
     def guest_name(self):
         self.guests += 1
         return f"guest-{self.guests}"
+
+    async def fetch(self, since, limit):
+        """GET /messages: a coroutine, so that ask_room() can hand it to the loop."""
+        return self.messages_since(since)[:limit]
+
+    def messages_since(self, since):
+        return [message for message in self.messages if message["id"] > since]
 
 
 room = Room()
@@ -72,7 +85,10 @@ room = Room()
 async def chat(connection):
     """One client in the room: history first, then its frames until it goes."""
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(connection.request.path).query)
-    room.join(connection, query["name"][0] if "name" in query else room.guest_name())
+    since = int(query["since"][0]) if "since" in query else 0  # the last id the client has
+    if query.get("room", [room.room_id])[0] != room.room_id:  # a room before a restart
+        since = 0  # its ids mean nothing here: the client gets this room's whole history
+    room.join(connection, query["name"][0] if "name" in query else room.guest_name(), since)
     try:
         async for frame in connection:
             handle_frame(connection, read_frame(frame))
@@ -92,7 +108,9 @@ def read_frame(frame):
 def handle_frame(connection, data):
     """Act on one frame; an answer to this client alone goes, like its history, by broadcast()."""
     if data.get("type") == "message":
-        room.post(room.clients[connection], data.get("text"), data.get("ref"))
+        message, stored_now = room.post(room.clients[connection], data.get("text"), data.get("ref"))
+        if not stored_now:  # the others have it already: to this client alone
+            broadcast([connection], json.dumps(message))
     elif data.get("type") == "name":
         room.rename(connection, data.get("name"))
     elif data.get("type") == "ping":  # the page's heartbeat: no answer, and it reconnects
@@ -123,12 +141,12 @@ def post_message(text: hug.types.text, name: hug.types.text = None, ref: hug.typ
 
 async def post_in_room(name, text, ref):
     """Runs on the loop: even a guest number is the room's to give."""
-    return room.post(name or room.guest_name(), text, ref)
+    return room.post(name or room.guest_name(), text, ref)[0]
 
 
 @hug.get("/config", api=api)
 def config():
-    return {"ws_port": servers.ws_port}
+    return {"ws_port": servers.ws_port, "room": room.room_id}
 
 
 @hug.get("/", api=api, output=hug.output_format.html)
@@ -139,12 +157,12 @@ def page():
 class Servers:
     """The event loop's thread with the websocket server on it, and waitress, bound."""
 
-    def __init__(self, port=8000, ws_port=8765):
+    def __init__(self, port, ws_port):
         self.loop = asyncio.new_event_loop()
-        # daemon: if a port is in use, the error ends the process instead of leaving it hung
+        # daemon: it ends with the main thread, after Ctrl+C or when a port is in use
         threading.Thread(target=self.loop.run_forever, name="websockets", daemon=True).start()
-        starting = self.start_websockets(ws_port)
-        self.ws_server = asyncio.run_coroutine_threadsafe(starting, self.loop).result()
+        listening = asyncio.run_coroutine_threadsafe(self.start_websockets(ws_port), self.loop)
+        self.ws_server = listening.result()
         self.ws_port = self.ws_server.sockets[0].getsockname()[1]
         self.http_server = waitress.create_server(api.http.server(), host="127.0.0.1", port=port)
         self.port = int(self.http_server.effective_port)
@@ -152,12 +170,6 @@ class Servers:
     async def start_websockets(self, ws_port):
         """serve() must run in the loop that will own its connections."""
         return await serve(chat, "127.0.0.1", ws_port)
-
-    def stop(self):
-        """Every websocket client gets 1001 ("going away"), then the loop's thread ends."""
-        self.loop.call_soon_threadsafe(self.ws_server.close)
-        ask_room(self.ws_server.wait_closed())
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 servers = None  # made by main(), before any request comes in
@@ -167,13 +179,17 @@ def main():
     global servers
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8000, help="HTTP port, 0 for any free one")
-    parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free one")
+    parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free port")
     args = parser.parse_args()
-    servers = Servers(args.port, args.ws_port)
+    try:
+        servers = Servers(args.port, args.ws_port)
+    except OSError as error:  # the port is taken (another step still runs?): one line, exit 2
+        where = f"cannot listen on port {args.port} or {args.ws_port}"
+        parser.exit(2, f"{parser.prog}: error: {where}: {error.strerror}\n")
     print(f"Chat page:  http://127.0.0.1:{servers.port}/", flush=True)
     print(f"Websocket:  ws://127.0.0.1:{servers.ws_port}/", flush=True)
-    servers.http_server.run()  # waitress serves hug's app here; Ctrl+C stops it, then the rest
-    servers.stop()
+    servers.http_server.run()  # waitress serves hug's app here until Ctrl+C; the loop's thread
+    # is a daemon: it ends with the process, and websocket clients see their connection close
 
 
 if __name__ == "__main__":
