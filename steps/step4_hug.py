@@ -1,6 +1,6 @@
-"""Step 4: step 3 beside hug. hug's routes (GET/POST /messages, /config, the page) run in
-waitress's threads, the room on an asyncio event loop in a thread of its own. One bridge joins
-them: ask_room(), which is asyncio.run_coroutine_threadsafe(). It serves the real chat.html."""
+"""Step 4: step 3 beside hug. hug's routes (POST /messages, /config, the page) run in waitress's
+threads, the room on its asyncio event loop. One bridge joins them: ask_room(), which is
+asyncio.run_coroutine_threadsafe(). It serves the real chat.html."""
 
 import argparse
 import asyncio
@@ -63,10 +63,6 @@ class Room:
         self.guests += 1
         return f"guest-{self.guests}"
 
-    async def fetch(self, since, limit):
-        """GET /messages: a coroutine, so that ask_room() can hand it to the loop."""
-        return [message for message in self.messages if message["id"] > since][:limit]
-
 
 room = Room()
 
@@ -113,11 +109,6 @@ def ask_room(coroutine):
     return asyncio.run_coroutine_threadsafe(coroutine, servers.loop).result()
 
 
-@hug.get("/messages", api=api)
-def get_messages(since: hug.types.number = 0, limit: hug.types.number = 100):
-    return {"messages": ask_room(room.fetch(since, limit))}
-
-
 @hug.post("/messages", api=api, status=hug.HTTP_201)
 def post_message(text: hug.types.text, name: hug.types.text = None, ref: hug.types.text = None):
     return ask_room(post_in_room(name, text, ref))
@@ -139,42 +130,31 @@ def page():
 
 
 class Servers:
-    """The event loop's thread with the websocket server on it, and waitress, bound."""
+    """The websocket server on the room's loop, in this thread; waitress in a thread of its own."""
 
-    def __init__(self, port, ws_port):
-        self.loop = asyncio.new_event_loop()
-        # daemon: it ends with the main thread, after Ctrl+C or when a port is in use
-        threading.Thread(target=self.loop.run_forever, name="websockets", daemon=True).start()
-        listening = asyncio.run_coroutine_threadsafe(self.start_websockets(ws_port), self.loop)
-        self.ws_server = listening.result()
-        self.ws_port = self.ws_server.sockets[0].getsockname()[1]
-        self.http_server = waitress.create_server(api.http.server(), host="127.0.0.1", port=port)
-        self.port = int(self.http_server.effective_port)
-
-    async def start_websockets(self, ws_port):
-        """serve() must run in the loop that will own its connections."""
-        return await serve(chat, "127.0.0.1", ws_port)
+    async def run(self, port, ws_port):
+        self.loop = asyncio.get_running_loop()  # the room's: ask_room() hands coroutines to it
+        http_server = waitress.create_server(api.http.server(), host="127.0.0.1", port=port)
+        async with serve(chat, "127.0.0.1", ws_port) as ws_server:
+            self.ws_port = ws_server.sockets[0].getsockname()[1]
+            print(f"Chat page:  http://127.0.0.1:{http_server.effective_port}/", flush=True)
+            print(f"Websocket:  ws://127.0.0.1:{self.ws_port}/", flush=True)
+            # a daemon: it ends with the process, after Ctrl+C has stopped the loop
+            threading.Thread(target=http_server.run, daemon=True).start()
+            await ws_server.serve_forever()
 
 
-servers = None  # made by main(), before any request comes in
+servers = Servers()
 
-
-def main():
-    global servers
+if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8000, help="HTTP port, 0 for any free one")
     parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free port")
     args = parser.parse_args()
     try:
-        servers = Servers(args.port, args.ws_port)
+        asyncio.run(servers.run(args.port, args.ws_port))
+    except KeyboardInterrupt:  # Ctrl+C: stop, without a traceback
+        pass
     except OSError as error:  # the port is taken (another step still runs?): one line, exit 2
         where = f"cannot listen on port {args.port} or {args.ws_port}"
         parser.exit(2, f"{parser.prog}: error: {where}: {error.strerror}\n")
-    print(f"Chat page:  http://127.0.0.1:{servers.port}/", flush=True)
-    print(f"Websocket:  ws://127.0.0.1:{servers.ws_port}/", flush=True)
-    servers.http_server.run()  # waitress serves hug's app here until Ctrl+C; the loop's thread
-    # is a daemon: it ends with the process, and websocket clients see their connection close
-
-
-if __name__ == "__main__":
-    main()
