@@ -2,18 +2,18 @@
 
     python chat.py            then open http://127.0.0.1:8000/
 
-This is the workshop's step 3 (steps/step3_hug.py) grown up. Two servers share this process.
-The asyncio event loop runs the websocket server in one thread and owns the room: the
+This is the workshop's step 5 (steps/step5_restarts.py) grown up. Two servers share this
+process. The asyncio event loop runs the websocket server in one thread and owns the room: the
 history, the id counter and the connections. hug's HTTP routes run in waitress's worker
 threads; they never change the room themselves: they hand their work to the event loop
 (ask_room()) and wait for the answer. One owner means one order: every client sees the same
 messages, in the same order, as GET /messages.
 
-Step 3's names come in step 3's order: Room, chat(), route() and echo(), api, ask_room(),
+Step 5's names come in step 5's order: Room, chat(), route() and echo(), api, ask_room(),
 the routes, Servers, main(). What a real room adds sits after what it extends, under a heading
 of its own. The armour is in parts/ (none of it imports chat), reached through small APIs,
-each module with a docstring that says what it guarantees. The README teaches it step by
-step; docs/protocol.md documents the protocol as built.
+each module with a docstring that says what it guarantees. The workshop (docs/workshop.md)
+teaches it step by step; docs/protocol.md documents the protocol as built.
 """
 
 from parts import fixes  # first: it lets hug load where NumPy 2 is installed

@@ -1,8 +1,7 @@
-"""Step 1: a websockets echo server. Left out: the room (step 2), HTTP (step 3); chat.py: /echo."""
+"""Step 1: a websockets echo server: each frame goes straight back to its sender."""
 
 import argparse
 import asyncio
-import contextlib
 
 from websockets.asyncio.server import serve
 
@@ -21,5 +20,11 @@ async def main(ws_port):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free port")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: stop, without a traceback
-        asyncio.run(main(parser.parse_args().ws_port))
+    args = parser.parse_args()
+    try:
+        asyncio.run(main(args.ws_port))
+    except KeyboardInterrupt:  # Ctrl+C: stop, without a traceback
+        pass
+    except OSError as error:  # the port is taken (another step still runs?): one line, exit 2
+        where = f"cannot listen on port {args.ws_port}"
+        parser.exit(2, f"{parser.prog}: error: {where}: {error.strerror}\n")

@@ -1,52 +1,37 @@
 """The page when the server behind it restarts, or another one takes its ports: every message
 posted afterwards shows in every page, and the page says that the room began again.
 
-A step without a room id (steps/step3_hug.py) and chat.py, which gives one, serve the same
-chat.html: with pages open in Chromium, each is stopped and started again, or replaced by the
-other on the same ports.
+A step without a room id (steps/step4_hug.py), a step with one (steps/step5_restarts.py) and
+chat.py serve the same chat.html: with pages open in Chromium, each is stopped and started
+again, or replaced by another on the same ports.
 """
-
-import os
 
 import pytest
 from playwright.sync_api import expect
 
 from tests.helpers import ROOT, ChatProcess, free_port, post, say, texts
 
-STEP = "step3_hug.py"  # serves chat.html and gives no room id
+STEP = "step4_hug.py"  # serves chat.html and gives no room id
+STEP_WITH_ROOM_ID = "step5_restarts.py"
 RESTARTED = "The server restarted: a new room begins here."
 
 
-class StepWithoutNumPy(ChatProcess):
-    """`python steps/STEP ARGS`, where `import numpy` fails: hug 2.6.1 imports NumPy when it
-    can, and NumPy 2 breaks that import (chat.py keeps NumPy away itself; the step does not)."""
+class Step(ChatProcess):
+    """`python steps/STEP ARGS`, as an attendee starts it."""
 
-    def __init__(self, step, *args, no_numpy):
+    def __init__(self, step, *args):
         self.script = ROOT / "steps" / step
-        env = {**os.environ, "PYTHONPATH": str(no_numpy)}
-        super().__init__(*args, env=env)
-
-
-@pytest.fixture(scope="module")
-def no_numpy(tmp_path_factory):
-    """A folder whose numpy module cannot be imported, for PYTHONPATH."""
-    folder = tmp_path_factory.mktemp("no_numpy")
-    (folder / "numpy.py").write_text('raise ImportError("the steps do without NumPy")\n')
-    return folder
+        super().__init__(*args)
 
 
 @pytest.fixture
-def servers(no_numpy):
+def servers():
     """Starts chat.py or a step on the given ports; stops whatever is still running at the end."""
     started = []
 
     def start(script, ports):
         options = ["--port", str(ports[0]), "--ws-port", str(ports[1])]
-        server = (
-            StepWithoutNumPy(script, *options, no_numpy=no_numpy)
-            if script.startswith("step")
-            else ChatProcess(*options)
-        )
+        server = Step(script, *options) if script.startswith("step") else ChatProcess(*options)
         started.append(server)
         server.urls()
         return server
@@ -77,9 +62,16 @@ def restarted_notices(page):
 
 @pytest.mark.parametrize(
     ("first", "then"),
-    [(STEP, STEP), (STEP, "chat.py"), ("chat.py", STEP), ("chat.py", "chat.py")],
+    [
+        (STEP, STEP),
+        (STEP_WITH_ROOM_ID, STEP_WITH_ROOM_ID),
+        (STEP, "chat.py"),
+        ("chat.py", STEP),
+        ("chat.py", "chat.py"),
+    ],
     ids=[
         "a step restarted",
+        "a step with a room id restarted",
         "a step replaced by chat.py",
         "chat.py replaced by a step",
         "chat.py restarted",

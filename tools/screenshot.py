@@ -95,7 +95,7 @@ def make_engine_screenshots(engine, directory):
 
 
 STEP_2 = (
-    "Step 2 in `steps/step2_room.py`: one room, one order for everyone.\n"
+    "Step 3 in `steps/step3_room.py`: one room, one order for everyone.\n"
     "```python\n"
     "async def chat(connection):\n"
     "    room.clients.add(connection)\n"

@@ -1,19 +1,16 @@
-"""Step 3: step 2 beside hug. hug's routes (GET/POST /messages, /config, the page) run in
-waitress's threads, the room on an asyncio event loop in a thread of its own. One bridge joins
-them: ask_room(), which is asyncio.run_coroutine_threadsafe(). It serves the real chat.html.
-
-Left out, and where chat.py has it: Host and Origin checks (Policy), bad input as 400s
-(clean_text(), read_json()), a loop too busy to answer (ask_loop()), a room id that tells a
-page the server restarted, a repeated ref stored once (Room.post()), SIGTERM (main())."""
+"""Step 4's exercise, solved: a hug route that asks the room. GET /online answers who is in
+the room, {"online": ["alice", "bob"]}: the route asks the loop, as POST /messages does."""
 
 import argparse
 import asyncio
 import datetime
 import json
+import sys
 import threading
 import urllib.parse
 from pathlib import Path
 
+sys.modules.setdefault("numpy", None)  # hug 2.6.1 fails to import beside NumPy 2, and needs none
 import hug
 import waitress
 from websockets.asyncio.server import broadcast, serve
@@ -36,12 +33,12 @@ class Room:
         if ref is not None:  # the page's own id for it: how the page knows its message came back
             message["ref"] = ref
         self.messages.append(message)
-        broadcast(self.clients, json.dumps(message))
+        self.send_to_all(message)
         return message
 
-    async def fetch(self, since, limit):
-        """GET /messages: a coroutine, so that ask_room() can hand it to the loop."""
-        return [message for message in self.messages if message["id"] > since][:limit]
+    def send_to_all(self, frame):
+        """Encode once, write to everyone without waiting for any of them."""
+        broadcast(self.clients, json.dumps(frame))
 
     def join(self, connection, name):
         """Send the history, then count the connection in: no message can fall in between."""
@@ -59,11 +56,15 @@ class Room:
         self.presence_changed(renamed={"from": old, "to": name})
 
     def presence_changed(self, **change):
-        broadcast(self.clients, json.dumps({"type": "presence", **change, "changes": [change]}))
+        self.send_to_all({"type": "presence", **change, "changes": [change]})
 
     def guest_name(self):
         self.guests += 1
         return f"guest-{self.guests}"
+
+    async def who_is_online(self):
+        """GET /online: a coroutine, so that ask_room() can hand it to the loop."""
+        return sorted(self.clients.values())
 
 
 room = Room()
@@ -111,11 +112,6 @@ def ask_room(coroutine):
     return asyncio.run_coroutine_threadsafe(coroutine, servers.loop).result()
 
 
-@hug.get("/messages", api=api)
-def get_messages(since: hug.types.number = 0, limit: hug.types.number = 100):
-    return {"messages": ask_room(room.fetch(since, limit))}
-
-
 @hug.post("/messages", api=api, status=hug.HTTP_201)
 def post_message(text: hug.types.text, name: hug.types.text = None, ref: hug.types.text = None):
     return ask_room(post_in_room(name, text, ref))
@@ -124,6 +120,11 @@ def post_message(text: hug.types.text, name: hug.types.text = None, ref: hug.typ
 async def post_in_room(name, text, ref):
     """Runs on the loop: even a guest number is the room's to give."""
     return room.post(name or room.guest_name(), text, ref)
+
+
+@hug.get("/online", api=api)
+def online():
+    return {"online": ask_room(room.who_is_online())}
 
 
 @hug.get("/config", api=api)
@@ -137,44 +138,31 @@ def page():
 
 
 class Servers:
-    """The event loop's thread with the websocket server on it, and waitress, bound."""
+    """The websocket server on the room's loop, in this thread; waitress in a thread of its own."""
 
-    def __init__(self, port=8000, ws_port=8765):
-        self.loop = asyncio.new_event_loop()
-        # daemon: if a port is in use, the error ends the process instead of leaving it hung
-        threading.Thread(target=self.loop.run_forever, name="websockets", daemon=True).start()
-        starting = self.start_websockets(ws_port)
-        self.ws_server = asyncio.run_coroutine_threadsafe(starting, self.loop).result()
-        self.ws_port = self.ws_server.sockets[0].getsockname()[1]
-        self.http_server = waitress.create_server(api.http.server(), host="127.0.0.1", port=port)
-        self.port = int(self.http_server.effective_port)
-
-    async def start_websockets(self, ws_port):
-        """serve() must run in the loop that will own its connections."""
-        return await serve(chat, "127.0.0.1", ws_port)
-
-    def stop(self):
-        """Every websocket client gets 1001 ("going away"), then the loop's thread ends."""
-        self.loop.call_soon_threadsafe(self.ws_server.close)
-        ask_room(self.ws_server.wait_closed())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+    async def run(self, port, ws_port):
+        self.loop = asyncio.get_running_loop()  # the room's: ask_room() hands coroutines to it
+        http_server = waitress.create_server(api.http.server(), host="127.0.0.1", port=port)
+        async with serve(chat, "127.0.0.1", ws_port) as ws_server:
+            self.ws_port = ws_server.sockets[0].getsockname()[1]
+            print(f"Chat page:  http://127.0.0.1:{http_server.effective_port}/", flush=True)
+            print(f"Websocket:  ws://127.0.0.1:{self.ws_port}/", flush=True)
+            # a daemon: it ends with the process, after Ctrl+C has stopped the loop
+            threading.Thread(target=http_server.run, daemon=True).start()
+            await ws_server.serve_forever()
 
 
-servers = None  # made by main(), before any request comes in
-
-
-def main():
-    global servers
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port, 0 for any free one")
-    parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free one")
-    args = parser.parse_args()
-    servers = Servers(args.port, args.ws_port)
-    print(f"Chat page:  http://127.0.0.1:{servers.port}/", flush=True)
-    print(f"Websocket:  ws://127.0.0.1:{servers.ws_port}/", flush=True)
-    servers.http_server.run()  # waitress serves hug's app here; Ctrl+C stops it, then the rest
-    servers.stop()
-
+servers = Servers()
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port, 0 for any free one")
+    parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free port")
+    args = parser.parse_args()
+    try:
+        asyncio.run(servers.run(args.port, args.ws_port))
+    except KeyboardInterrupt:  # Ctrl+C: stop, without a traceback
+        pass
+    except OSError as error:  # the port is taken (another step still runs?): one line, exit 2
+        where = f"cannot listen on port {args.port} or {args.ws_port}"
+        parser.exit(2, f"{parser.prog}: error: {where}: {error.strerror}\n")

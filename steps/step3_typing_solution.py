@@ -1,12 +1,8 @@
-"""Step 2: a chat room on websockets alone: step 1 plus a Room, which sends the history on
-connect, each message to everyone (the sender too), joins and leaves, in chat.py's JSON frames.
-
-Left out: HTTP and the page (step 3); in chat.py: resuming with since= (Room.join()), the rules
-for texts and names (clean_text()), rate limits (TokenBucket), slow readers (ChatConnection)."""
+"""Step 3's exercise, solved: who is typing. A client sends {"type": "typing"}; the others get
+{"type": "typing", "name": "alice"}, and the typist nothing."""
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import urllib.parse
@@ -27,8 +23,12 @@ class Room:
         message = {"type": "message", "id": len(self.messages) + 1, "name": name, "text": text}
         message["ts"] = now.replace("+00:00", "Z")
         self.messages.append(message)
-        broadcast(self.clients, json.dumps(message))
+        self.send_to_all(message)
         return message
+
+    def send_to_all(self, frame):
+        """Encode once, write to everyone without waiting for any of them."""
+        broadcast(self.clients, json.dumps(frame))
 
     def join(self, connection, name):
         """Send the history, then count the connection in: no message can fall in between."""
@@ -46,7 +46,7 @@ class Room:
         self.presence_changed(renamed={"from": old, "to": name})
 
     def presence_changed(self, **change):
-        broadcast(self.clients, json.dumps({"type": "presence", **change, "changes": [change]}))
+        self.send_to_all({"type": "presence", **change, "changes": [change]})
 
     def guest_name(self):
         self.guests += 1
@@ -82,6 +82,9 @@ def handle_frame(connection, data):
         room.post(room.clients[connection], data.get("text"))
     elif data.get("type") == "name":
         room.rename(connection, data.get("name"))
+    elif data.get("type") == "typing":  # to the others: the typist knows
+        others = [client for client in room.clients if client is not connection]
+        broadcast(others, json.dumps({"type": "typing", "name": room.clients[connection]}))
     else:
         broadcast([connection], json.dumps({"type": "error", "error": "unknown type"}))
 
@@ -95,5 +98,11 @@ async def main(ws_port):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--ws-port", type=int, default=8765, help="0 for any free port")
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: stop, without a traceback
-        asyncio.run(main(parser.parse_args().ws_port))
+    args = parser.parse_args()
+    try:
+        asyncio.run(main(args.ws_port))
+    except KeyboardInterrupt:  # Ctrl+C: stop, without a traceback
+        pass
+    except OSError as error:  # the port is taken (another step still runs?): one line, exit 2
+        where = f"cannot listen on port {args.ws_port}"
+        parser.exit(2, f"{parser.prog}: error: {where}: {error.strerror}\n")
