@@ -723,9 +723,7 @@ class Servers:
             "backlog": 1024,  # connections the kernel queues while waitress is busy
             "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
         }
-        if (
-            behind_proxy
-        ):  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
+        if behind_proxy:  # each client's own address, for the rate limit, from X-Forwarded-For
             settings.update(
                 trusted_proxy=access.PROXY,
                 trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
@@ -775,8 +773,6 @@ class Servers:
         except BaseException:
             server.close()
             raise
-        return server
-
         return server
 
     def stop(self):
