@@ -283,6 +283,12 @@ class Room:
             del self.connections_from[address]  # bounded by the connections open now
 
 
+def utc_now():
+    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # --- The websocket handlers --------------------------------------------------------------
 
 
@@ -521,12 +527,6 @@ def claim_name_and_since(connection, room):
     if query.get("room", [room.history.room_id])[0] != room.history.room_id:
         since = None  # ids began again in this room: the client's `since` means nothing here
     return name or room.hold_name(connection, room.guest_name()), since, errors
-
-
-def utc_now():
-    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --- More routes: the seed tutorial's name, health, errors as answers --------------------
