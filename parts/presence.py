@@ -13,9 +13,6 @@ import itertools
 PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often
 
 
-# --- Presence in batches, one change per connection --------------------------------------
-
-
 class Presence:
     """Who is online, as the room tells everyone: only the changes, at most one frame every
     PRESENCE_EVERY, one change per connection (see presence_changed())."""

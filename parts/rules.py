@@ -18,11 +18,6 @@ MAX_NAME = 32
 MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
 
 
-# --- The rules: what a text, a name, a ref, since and limit may be -----------------------
-# Each clean_*() returns the value as the room takes it, or raises BadInput naming the rule;
-# hug uses them as types too, so HTTP and websocket refuse the same things.
-
-
 def clean_text(value):
     """The text of a message."""
     return trimmed(value, "text", MAX_TEXT)
