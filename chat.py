@@ -12,36 +12,31 @@ messages, in the same order, as GET /messages.
 Step 5's names come in step 5's order: Room, chat(), route() and echo(), api, ask_room(),
 the routes, Servers, main(). What a real room adds sits after what it extends, under a heading
 of its own. The armour is in parts/ (none of it imports chat), reached through small APIs,
-each module with a docstring that says what it guarantees. The workshop (docs/workshop.md)
-teaches it step by step; docs/protocol.md documents the protocol as built.
+each module with a docstring that says what it guarantees. So are the rules for what a client
+may send (parts/rules.py), presence in batches (parts/presence.py), the command line
+(parts/settings.py), and the addresses and the QR code printed at start (parts/invitation.py).
+The workshop (docs/workshop.md) teaches it step by step; docs/protocol.md documents the
+protocol as built.
 """
 
 from parts import fixes  # first: it lets hug load where NumPy 2 is installed
 
 # isort: split
-import argparse
 import asyncio
 import collections
-import contextlib
-import dataclasses
 import datetime
 import functools
-import ipaddress
-import itertools
 import json
 import math
 import signal
-import socket
 import sys
 import threading
 import time
-import unicodedata
 import urllib.parse
 import webbrowser
 from pathlib import Path
 
 import hug
-import segno
 from websockets.asyncio.server import broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -50,26 +45,35 @@ from parts.access import POLICY, Policy, url_host
 from parts.errors import RETRY_AFTER, BadInput, NameTaken, RoomUnavailable, TooFast
 from parts.fixes import close_websockets, request_host, stop_waitress, without_nulls
 from parts.history import History
-from parts.invitation import invitation, invitation_policy
+from parts.invitation import invitation, invitation_policy, print_qr_code, reachable_addresses
 from parts.logs import log_repeated_errors_once
+from parts.presence import Presence
+from parts.rules import (
+    MAX_NAME,
+    MAX_TEXT,
+    clean_limit,
+    clean_name,
+    clean_ref,
+    clean_since,
+    clean_text,
+    is_ref,
+    json_limit,
+)
 from parts.sending import connection_limits, raise_fd_limit, send_prepared
+from parts.settings import Settings, parse_args
 from parts.voices import Buckets, ChatConnection, Turns, check_request, voice_of
 
 # --- Configuration -----------------------------------------------------------------------
 
 PAGE = Path(__file__).with_name("chat.html")
 
-# What a client may send
-MAX_TEXT = 2000  # characters, after trimming white space
-MAX_NAME = 32
-MAX_REF = 64  # characters of a client's own id for a message (see Room.post)
+# What a client may send (a text, a name, a ref: parts/rules.py)
 MAX_FRAME = 64 * 1024  # bytes; a bigger websocket frame closes the connection (1009)
 MAX_BODY = 64 * 1024  # bytes (65,536) of an HTTP body at most; a bigger one gets 413 (waitress)
 BURST, PER_SECOND = 20, 10  # rate limit of each client address: its websockets and HTTP posts
 
 # The room
 HISTORY_PIECE = 50  # messages per history frame: at most about 640 KB
-PRESENCE_EVERY = 0.25  # seconds; at most one presence frame this often
 ROOM_PATHS = ("/", "/chat", "/ws")  # the room's websocket paths; /ws is the one behind a proxy
 
 # Time
@@ -280,6 +284,12 @@ class Room:
             del self.connections_from[address]  # bounded by the connections open now
 
 
+def utc_now():
+    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 # --- The websocket handlers --------------------------------------------------------------
 
 
@@ -364,60 +374,6 @@ async def echo(connection):
     """The first workshop step: every frame goes straight back to its sender."""
     async for frame in connection:
         await connection.send(frame)
-
-
-# --- The rules: what a text, a name, a ref, since and limit may be -----------------------
-# Each clean_*() returns the value as the room takes it, or raises BadInput naming the rule;
-# hug uses them as types too, so HTTP and websocket refuse the same things.
-
-
-def clean_text(value):
-    """The text of a message."""
-    return trimmed(value, "text", MAX_TEXT)
-
-
-def clean_name(value):
-    """A display name as parts/names.py allows and stores it: the PRECIS nickname rules,
-    Unicode's emoji sequences, 1 to MAX_NAME characters. NFC first, so "é" is one character
-    however it was typed."""
-    if isinstance(value, str):
-        value = unicodedata.normalize("NFC", value)
-    name = trimmed(value, "name", MAX_NAME)
-    try:
-        name = names.checked(name)
-    except ValueError as error:
-        raise BadInput(str(error)) from None
-    if len(name) > MAX_NAME:  # NFKC can lengthen a name: "\ufdfa" becomes 18 letters
-        raise BadInput(f"name is longer than {MAX_NAME} characters")
-    return name
-
-
-def clean_ref(value):
-    """A client's own id for a message, or None: the page sends it again after a reconnect."""
-    if value is None:
-        return None
-    if not is_ref(value):
-        raise BadInput(f"ref must be a string of 1 to {MAX_REF} characters")
-    return value
-
-
-def clean_since(value):
-    """Id of the last message the client has: None when absent, else a whole number of 0 or
-    more (a string from a query string, or a number from a JSON body)."""
-    if value is None:
-        return None
-    since = whole_number(str(value), 0, 10**100 - 1)  # any id a client could hold, and more
-    if since is None:
-        raise BadInput("since must be a whole number of 0 or more")
-    return since
-
-
-def clean_limit(value):
-    """How many messages at most: 1 to 1000."""
-    limit = whole_number(str(value), 1, 1000)
-    if limit is None:
-        raise BadInput("limit must be a whole number from 1 to 1000")
-    return limit
 
 
 # --- The HTTP routes (hug) ---------------------------------------------------------------
@@ -574,129 +530,6 @@ def claim_name_and_since(connection, room):
     return name or room.hold_name(connection, room.guest_name()), since, errors
 
 
-# --- The rules' own helpers --------------------------------------------------------------
-
-
-def trimmed(value, field, limit):
-    """A string of 1 to `limit` characters once white space is trimmed from its ends."""
-    if not isinstance(value, str):
-        raise BadInput(f"{field} must be a string")
-    value = value.strip()
-    if not value:
-        raise BadInput(f"{field} is empty")
-    if len(value) > limit:
-        raise BadInput(f"{field} is longer than {limit} characters")
-    try:
-        value.encode("utf-8")  # JSON can carry a lone surrogate ("\ud800"); UTF-8 cannot
-    except UnicodeEncodeError:
-        raise BadInput(f"{field} is not valid Unicode") from None
-    return value
-
-
-def is_ref(value):
-    return isinstance(value, str) and 1 <= len(value) <= MAX_REF
-
-
-def whole_number(text, low, high):
-    """`text` as a whole number from `low` to `high`, else None (for clean_since(),
-    clean_limit() and the command line's numbers).
-
-    isdecimal() refuses "-1", "1.5" and "²" (isdigit() would pass "²" on to int()), and the
-    length bound keeps int() away from its limit of 4300 digits.
-    """
-    if text.isdecimal() and len(text) <= len(str(high)) and low <= int(text) <= high:
-        return int(text)
-    return None
-
-
-def json_limit(error):
-    """What a JSON text that json.loads() refuses for a limit, not for its syntax, is past."""
-    if isinstance(error, RecursionError):
-        return "it is nested too deep"
-    return f"a number has more than {sys.get_int_max_str_digits()} digits"
-
-
-def utc_now():
-    """An ISO 8601 UTC timestamp with milliseconds, e.g. 2026-11-23T14:05:09.123Z."""
-    now = datetime.datetime.now(datetime.UTC)
-    return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# --- Presence in batches, one change per connection --------------------------------------
-
-
-class Presence:
-    """Who is online, as the room tells everyone: only the changes, at most one frame every
-    PRESENCE_EVERY, one change per connection (see presence_changed())."""
-
-    def __init__(self, loop, send_to_all):
-        self.loop, self.send_to_all = loop, send_to_all  # the room's
-        # name -> connections, as the presence frames sent so far told it
-        self.online = collections.Counter()
-        self.presence_changes = {}  # connection -> (name before, name now) not yet sent
-        self.presence_due = False  # a presence frame is on its way
-        self.presence_sent = 0.0  # loop time of the last presence frame
-
-    def presence_changed(self, connection, before, after):
-        """Send presence on the loop's next turn, or with the next changes if a frame went out
-        less than PRESENCE_EVERY ago.
-
-        Each frame goes to everyone: a frame per join would cost the square of the room's
-        size, and filling a room of 1000 would take seconds. What one connection does in
-        the meantime is one change, from the name the others last heard to its name now:
-        a join then a rename is a join under the new name, a join then a leave is nothing.
-        """
-        if connection in self.presence_changes:  # its earlier change is not sent yet
-            before = self.presence_changes[connection][0]
-        self.presence_changes[connection] = (before, after)
-        if not self.presence_due:
-            self.presence_due = True
-            wait = self.presence_sent + PRESENCE_EVERY - self.loop.time()
-            self.loop.call_later(max(0, wait), self.send_presence)
-
-    def send_presence(self):
-        """Only what changed: the whole online list is in each client's history frame.
-
-        A frame that listed everyone let one client renaming 9 times a second make the
-        server send 114 MB/s to a room of 900.
-        """
-        pending, self.presence_changes, self.presence_due = self.presence_changes, {}, False
-        changes = [
-            change for change in itertools.starmap(self.presence_change, pending.values()) if change
-        ]
-        if not changes:  # say, a join and a leave: nobody needs to hear of it
-            return
-        self.presence_sent = self.loop.time()
-        frame = {"type": "presence", "changes": changes}
-        if len(changes) == 1:
-            frame.update(changes[0])  # one change: {"joined": "bob"}, as the contract shows
-        self.send_to_all(frame)
-        for change in changes:
-            self.count_online(change)
-
-    @staticmethod
-    def presence_change(before, after):
-        """One connection's change as a presence frame tells it (None for no change at all)."""
-        if before == after:  # a join then a leave, or a rename and back
-            return None
-        if before is None:
-            return {"joined": after}
-        if after is None:
-            return {"left": before}
-        return {"renamed": {"from": before, "to": after}}
-
-    def count_online(self, change):
-        """Keep `online` as the presence frames sent so far tell it (see history_frame())."""
-        if "renamed" in change:
-            change = {"left": change["renamed"]["from"], "joined": change["renamed"]["to"]}
-        if "left" in change:
-            self.online[change["left"]] -= 1
-            if not self.online[change["left"]]:
-                del self.online[change["left"]]
-        if "joined" in change:
-            self.online[change["joined"]] += 1
-
-
 # --- More routes: the seed tutorial's name, health, errors as answers --------------------
 
 
@@ -846,29 +679,11 @@ def open_history(settings):
 # --- Start-up and shutdown ---------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Settings:
-    """What Servers runs with: the command line's options (parse_args()), or a test's."""
-
-    host: str = "127.0.0.1"  # the address both servers bind
-    port: int = 8000  # HTTP; 0 for any free one
-    ws_port: int = 8765  # websockets; 0 for any free one
-    history: int = 1000  # messages the room keeps
-    redis: str | None = None  # the URL of the Redis that keeps the room (parts/redis_history.py)
-    store: str | None = None  # the SQLite file that keeps the history (parts/sqlite_history.py)
-    allow_host: list = dataclasses.field(default_factory=list)  # host names besides the usual
-    public_url: str | None = None  # https://... through a reverse proxy on this machine
-    key: str | None = None  # the room key; None where no stranger reaches the chat
-    no_key: bool = False  # no key even where strangers can reach the chat
-    open: bool = False  # open the page in the browser
-    max_clients: int = 10_000  # websocket connections at most; fewer if descriptors are fewer
-
-
 class Servers:
     """The two running servers, their threads and real ports, the room and the policy;
     stop() ends them all."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings):
         self.http_connections, self.max_clients, self.max_connections = connection_limits(
             raise_fd_limit(), settings.max_clients
         )
@@ -909,9 +724,7 @@ class Servers:
             "backlog": 1024,  # connections the kernel queues while waitress is busy
             "asyncore_use_poll": True,  # select() fails on descriptors above 1023; poll() does not
         }
-        if (
-            behind_proxy
-        ):  # each client's own address, for the rate limit, from the proxy's X-Forwarded-For
+        if behind_proxy:  # each client's own address, for the rate limit, from X-Forwarded-For
             settings.update(
                 trusted_proxy=access.PROXY,
                 trusted_proxy_headers={"x-forwarded-for", "x-forwarded-proto"},
@@ -963,8 +776,6 @@ class Servers:
             raise
         return server
 
-        return server
-
     def stop(self):
         """HTTP first (its handlers wait on the loop), then the websockets (1001 to each client).
 
@@ -986,7 +797,7 @@ class Servers:
                 self.loop.close()
 
 
-# --- main(), and the addresses and the QR code it prints ---------------------------------
+# --- main(): the command line, the servers, where they are, Ctrl+C -----------------------
 
 
 def main(argv=None):
@@ -1031,142 +842,6 @@ def main(argv=None):
     servers.stop()
     print("Stopped.", flush=True)
     return 0
-
-
-def reachable_addresses(host):
-    """The addresses to print for --host: 0.0.0.0 (or ::) is every address, and nobody can open it.
-
-    So print this machine's own addresses, loopback last (it works only here): the one its
-    default route leaves from (connecting a UDP socket sends nothing, it only picks the
-    route) and the ones its host name resolves to.
-    """
-    if host not in ("0.0.0.0", "::"):
-        return [host]
-    family, somewhere, loopback = (
-        (socket.AF_INET, "198.51.100.1", "127.0.0.1")
-        if host == "0.0.0.0"
-        else (socket.AF_INET6, "2001:db8::1", "::1")
-    )
-    found = []
-    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((somewhere, 9))  # a documentation address: any routed one would do
-        found.append(probe.getsockname()[0])
-    with contextlib.suppress(OSError):
-        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
-    lan = [
-        address for address in found if not ipaddress.ip_address(address.split("%")[0]).is_loopback
-    ]
-    return [*dict.fromkeys(lan), loopback]
-
-
-def print_qr_code(url):
-    """The first page URL as a QR code, for phones (see qr_code_lines()). A terminal that
-    cannot show the blocks gets no QR code."""
-    with contextlib.suppress(UnicodeEncodeError):
-        print("\n".join(qr_code_lines(url)), flush=True)
-
-
-BLOCKS = {(0, 0): " ", (1, 0): "\u2580", (0, 1): "\u2584", (1, 1): "\u2588"}  # dark (top, bottom)
-BLACK_ON_WHITE, RESET = "\033[30;107m", "\033[0m"
-
-
-def qr_code_lines(url):
-    """A QR code of `url` for a terminal: half blocks, two rows of modules a line.
-
-    The dark modules are the drawn ones, in black on a white background, with a quiet zone
-    of 4 modules around: right on a dark terminal, a light one and a projector alike.
-    (segno's own terminal output draws in the terminal's colours: inverted on one of them.)
-    make_qr(), not make(): make() picks a Micro QR code for short texts, which phone cameras
-    often do not read.
-    """
-    rows = [list(row) for row in segno.make_qr(url).matrix_iter(border=4)]
-    rows.append([0] * len(rows[0]))  # an odd count of rows: the last line's lower half is light
-    return [
-        BLACK_ON_WHITE + "".join(BLOCKS[pair] for pair in zip(top, bottom, strict=True)) + RESET
-        for top, bottom in zip(rows[::2], rows[1::2], strict=True)
-    ]
-
-
-# --- The command line --------------------------------------------------------------------
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="chat.py", usage=argparse.SUPPRESS, description="A real-time chat: hug + websockets."
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address both servers bind (default 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port", type=port_argument, default=8000, help="HTTP port, 0 for any free one"
-    )
-    parser.add_argument(
-        "--ws-port", type=port_argument, default=8765, help="websocket port, 0 for any free one"
-    )
-    parser.add_argument(
-        "--history", type=count_argument, default=1000, help="messages the room keeps"
-    )
-    parser.add_argument("--open", action="store_true", help="open the chat page in the browser")
-    parser.add_argument(
-        "--redis", metavar="URL", help="keep the room in Redis, shared by several chat.py"
-    )
-    parser.add_argument(
-        "--store",
-        metavar="FILE",
-        type=file_argument,
-        help="keep the history in this SQLite file, over restarts",
-    )
-    parser.add_argument(
-        "--allow-host",
-        metavar="NAME",
-        type=access.host_name_argument,
-        action="append",
-        default=[],
-        help="a host name the chat answers to, besides IP addresses, localhost, *.localhost "
-        "and this machine's name (repeatable)",
-    )
-    parser.add_argument(
-        "--public-url",
-        metavar="URL",
-        type=access.public_url_argument,
-        help="the https:// URL people reach the chat at, through a reverse proxy on this machine",
-    )
-    parser.add_argument(
-        "--key",
-        type=access.room_key_argument,
-        help="the room key people need, so a restart keeps the link (default: $CHAT_KEY, else a "
-        "new random one when --host is not loopback or with --public-url; the same one for "
-        "every --redis process)",
-    )
-    parser.add_argument(
-        "--no-key",
-        action="store_true",
-        help="no room key even where strangers can reach the chat: anyone who can reach it is in",
-    )
-    args = parser.parse_args(argv)
-    access.choose_room_key(parser, args)
-    return Settings(**vars(args))
-
-
-def port_argument(value):
-    port = whole_number(value, 0, 65535)
-    if port is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0 to 65535)")
-    return port
-
-
-def file_argument(value):
-    """Not empty: --store "" (an unset variable in a unit file) kept nothing, without a word."""
-    if not value:
-        raise argparse.ArgumentTypeError("give a file name, such as chat.db")
-    return value
-
-
-def count_argument(value):
-    count = whole_number(value, 1, 999_999_999)
-    if count is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of 1 or more")
-    return count
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ room key. Each QR code is decoded as it is drawn (zxing-cpp), never inverted bac
 import base64
 import re
 
-import chat
+from parts import invitation
 
 # isort: split
 import pytest
@@ -68,7 +68,7 @@ def decoded(image):
 def test_the_printed_qr_code_reads_right_on_a_light_and_a_dark_terminal(
     capsys, foreground, background
 ):
-    chat.print_qr_code(LINK)
+    invitation.print_qr_code(LINK)
     printed = capsys.readouterr().out
     image = terminal_image(printed, foreground, background)
     assert decoded(image) == LINK

@@ -5,7 +5,7 @@ while the history's list of who is online stays exact.
 import contextlib
 import json
 
-import chat
+from parts import presence
 
 # isort: split
 import pytest
@@ -44,7 +44,7 @@ def test_a_presence_frame_for_several_changes_carries_them_only_in_changes(serve
 def slow_presence(server, monkeypatch):
     """An interval of an hour, which the test ends itself (send_presence_now): what happens in
     one interval does not depend on the machine's speed."""
-    monkeypatch.setattr(chat, "PRESENCE_EVERY", 3600)
+    monkeypatch.setattr(presence, "PRESENCE_EVERY", 3600)
     return server
 
 
