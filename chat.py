@@ -818,8 +818,22 @@ def main(argv=None):
         )
         return 2
 
+    try:
+        print_where_it_is(settings, servers)
+        while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
+            pass
+    except BrokenPipeError:  # `python chat.py | head -2`: nobody reads what it prints any more
+        print("chat.py: error: standard output was closed: stopping", file=sys.stderr)
+        return 1
+    finally:  # whatever happened, the servers stop: their threads would keep the process alive
+        servers.stop()
+    print("Stopped.", flush=True)
+    return 0
+
+
+def print_where_it_is(settings, servers):
+    """The links people open (with the key, where there is one), and for phones a QR code."""
     addresses = reachable_addresses(settings.host)
-    # The link people open: the key goes with it.
     with_key = f"?key={settings.key}" if settings.key else ""
     for address in addresses:  # the first two lines are machine-readable: tests and tools read them
         print(f"Chat page:  http://{url_host(address)}:{servers.port}/{with_key}", flush=True)
@@ -836,12 +850,6 @@ def main(argv=None):
         print_qr_code(f"http://{url_host(addresses[0])}:{servers.port}/{with_key}")
     if settings.open:
         webbrowser.open(f"http://{url_host(addresses[-1])}:{servers.port}/{with_key}")
-
-    while not stop.wait(1):  # a wait with a timeout: Windows delivers Ctrl+C only then
-        pass
-    servers.stop()
-    print("Stopped.", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 is one line on stderr and exit status 2.
 """
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import request
+from tests.helpers import CHAT_PY, request
 
 
 def test_prints_the_page_and_websocket_urls_with_real_ports(chat_process):
@@ -102,3 +105,29 @@ def test_an_empty_store_file_name_is_one_line_and_exit_2(chat_process):
     assert process.process.wait(15) == 2
     error = process.process.stderr.read()
     assert error.count("\n") == 1 and error.startswith("chat.py: error: argument --store")
+
+
+def test_a_chat_whose_output_nobody_reads_stops_instead_of_hanging():
+    """`python chat.py | head -2`: once head is gone, printing fails; the servers must stop
+    with it, or their threads keep the process alive and deaf to Ctrl+C."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read: the chat's first print fails
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(CHAT_PY), "--port", "0", "--ws-port", "0"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    try:
+        assert process.wait(15) == 1
+    finally:
+        process.kill()
+        process.wait()
+        error = process.stderr.read()
+        process.stderr.close()
+    assert (
+        error.startswith("chat.py: error: standard output was closed") and "Traceback" not in error
+    )
