@@ -9,9 +9,13 @@ threads; they never change the room themselves: they hand their work to the even
 (ask_room()) and wait for the answer. One owner means one order: every client sees the same
 messages, in the same order, as GET /messages.
 
-Step 5's names come in step 5's order: Room, chat(), route() and echo(), api, ask_room(),
-the routes, Servers, main(). What a real room adds sits after what it extends, under a heading
-of its own. The armour is in parts/ (none of it imports chat), reached through small APIs,
+Step 5's names come in step 5's order: Room, chat(), read_frame(), handle_frame(), api,
+ask_room(), the routes (get_messages(), post_message(), config(), page()), Servers. What a real
+room adds sits after what it extends, under a heading of its own: step 1's echo beside the
+room (route(), echo()); posting over a websocket and over HTTP (step 5's post_in_room() is the
+room's part of post_over_http()), with errors that say when to try again; health, the
+invitation, a loop too busy to answer, three kinds of history; main(), which starts Servers
+where step 5's Servers.run() did, and prints where the chat is. The armour is in parts/ (none of it imports chat), reached through small APIs,
 each module with a docstring that says what it guarantees. So are the rules for what a client
 may send (parts/rules.py), presence in batches (parts/presence.py), the command line
 (parts/settings.py), and the addresses and the QR code printed at start (parts/invitation.py).
