@@ -599,6 +599,7 @@ def invite(request, response):
     link = f"{policy.page_origin(host)}/{with_key}"
     answer = invitation(link, access.is_loopback(access.host_name(host)))
     response.set_header("Content-Security-Policy", invitation_policy(answer))
+    response.set_header("Cache-Control", "no-store")  # it shows the key: no cache keeps it
     return answer
 
 

@@ -212,10 +212,15 @@ def refuse_page(response):
 
 def keep_the_key_in_a_cookie(request, response, query):
     """The link's ?key= goes into a cookie, and the browser to the same page without it (303):
-    the key stays out of the address bar, the history and a photo of the projector."""
+    the key stays out of the address bar, the history and a photo of the projector.
+
+    Its Set-Cookie carries the key, so no cache may store the answer (no-store): the key would
+    stay on a proxy's or the browser's disk, long after the session the cookie lasts.
+    """
     policy = request.env[POLICY]
     if policy.admits([value for name, value in query if name == "key"]):  # not the old cookie's
         response.append_header("Set-Cookie", policy.key_cookie())
+    response.set_header("Cache-Control", "no-store")
     rest = urllib.parse.urlencode([(name, value) for name, value in query if name != "key"])
     response.status = "303 See Other"
     response.set_header("Location", request.path + (f"?{rest}" if rest else ""))

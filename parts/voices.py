@@ -7,9 +7,9 @@ on a known path, with one Host and one Origin the Policy accepts, the room key w
 one, a place in the room, and an address within its share; it counts each one in, and
 ChatConnection counts it out however it ends. A client that stops reading is dropped once
 MAX_QUEUED bytes wait for it (but while it catches up on its history, when it is waited for, up
-to its ping timeout), and the kernel holds at most about twice SEND_BUFFER for it. Turns lets
-one address catch up on CATCHING_UP_PER_ADDRESS connections at once, each waiting CATCH_UP_WAIT
-at most for its turn. voice_of() makes one person of an IPv6 /64, but of an address on one of
+to its ping timeout); the kernel holds at most about twice SEND_BUFFER for it, and nothing once
+it is dropped. Turns lets one address catch up on CATCHING_UP_PER_ADDRESS connections at once,
+each waiting CATCH_UP_WAIT at most for its turn. voice_of() makes one person of an IPv6 /64, but of an address on one of
 this machine's own networks (its LAN) as of an IPv4 address: the address itself. A path that is
 no URL path is a 400, never a 500.
 """
@@ -21,6 +21,7 @@ import http
 import ipaddress
 import math
 import socket
+import struct
 import time
 import urllib.parse
 from pathlib import Path
@@ -29,6 +30,12 @@ from websockets.asyncio.server import ServerConnection
 
 from parts.access import client_address, handshake_keys
 from parts.errors import RETRY_AFTER
+
+try:  # Unix: the send queue is read with ioctl
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = termios = None
 
 MAX_PER_ADDRESS = 100  # websocket connections open at once from one address: an office's NAT fits
 JOIN_BURST, JOINS_PER_SECOND = 100, 2  # handshakes one address may make at once, then a second
@@ -224,6 +231,28 @@ class OwnNetworks:
 own_networks = OwnNetworks()  # this machine's, for every server in the process
 
 
+def discard_what_is_unsent(transport):
+    """Make the socket's close a reset when the kernel still holds bytes the client never took.
+
+    Closing a socket does not free its send queue: the kernel keeps the socket, orphaned, to
+    deliver the queue and then a FIN, and a client that reads nothing holds it there for
+    minutes (FIN-WAIT-1): up to twice SEND_BUFFER per connection the chat has already
+    dropped, and the client can come straight back and hold more. SO_LINGER with a time of 0
+    makes the close a reset (RST) that frees the queue at once. After a closing handshake the
+    client has taken everything, the queue is empty, and the close stays a FIN.
+
+    asyncio closes the socket right after connection_lost() returns, so the option set here
+    applies to that close. The queue is read with TIOCOUTQ (SIOCOUTQ for a socket), on Linux.
+    """
+    if fcntl is None:  # Windows: no ioctl; the queue stays the kernel's to send
+        return
+    with contextlib.suppress(OSError, AttributeError):  # already closed, or not a TCP socket
+        sock = transport.get_extra_info("socket")
+        unsent = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        if struct.unpack("i", unsent)[0]:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def is_full(server, max_clients):
     """Every websocket connection holds a file descriptor, and so does every HTTP one: the
     cap keeps enough of them for HTTP, /health and the handshakes that refuse the rest."""
@@ -275,8 +304,10 @@ class ChatConnection(ServerConnection):
             self.handshakes.discard(self)
 
     def connection_lost(self, exc):
-        """However it ends (a handshake refused later, a close, a lost network), count it out."""
+        """However it ends (a handshake refused later, a close, a lost network), count it out,
+        and let the kernel drop what the client never took."""
         self.handshakes.discard(self)
+        discard_what_is_unsent(self.transport)
         super().connection_lost(exc)
         if self.counted_in:
             counted_room, address = self.counted_in

@@ -11,7 +11,7 @@ from parts import invitation
 import pytest
 import zxingcpp  # requirements-test.txt
 
-from tests.helpers import request
+from tests.helpers import request, running_servers
 
 LINK = "http://192.168.1.23:8000/?key=Workshop-Room-Key-1234"
 KEY = "Workshop-Room-Key-1234"
@@ -165,3 +165,17 @@ def test_invite_needs_no_key_where_the_chat_needs_none_and_says_a_loopback_link_
     assert status == 200
     assert f"http://127.0.0.1:{process.port}/<".encode() in body  # the link, without a key
     assert b"works only on this machine" in body
+
+
+@pytest.mark.timeout(30)
+def test_no_cache_keeps_the_invitation_or_the_answer_that_sets_the_key_cookie():
+    with running_servers(key=KEY) as servers:
+        invitation = request(
+            servers.port, "GET", "/invite", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert invitation.status == 200 and KEY.encode() in invitation.body
+        assert invitation.headers["Cache-Control"] == "no-store"
+        for page in ("/invite", "/"):  # the printed links: the key goes into a cookie
+            redirect = request(servers.port, "GET", f"{page}?key={KEY}")
+            assert redirect.status == 303 and KEY in redirect.headers["Set-Cookie"]
+            assert redirect.headers["Cache-Control"] == "no-store"

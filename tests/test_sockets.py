@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import chat
 from parts import voices
@@ -23,11 +24,14 @@ from websockets.exceptions import ConnectionClosedOK
 
 from tests.helpers import (
     ROOT,
+    ask_room,
     connect,
     raw_handshake,
     receive_history,
     running_servers,
     seed_big,
+    silent_client,
+    the_room,
     tracebacks,
     wait_for_health,
     wait_until,
@@ -142,6 +146,56 @@ def test_a_connection_that_waits_too_long_for_its_turn_is_closed_to_come_back(mo
             one_more = connect(url, open_timeout=5, source_address=("127.0.0.2", 0))
             with one_more, pytest.raises(ConnectionClosedOK):  # closed, nothing sent before
                 one_more.recv(timeout=5)
+
+
+# --- What a dropped client leaves in the kernel -----------------------------------------
+
+FIN_WAIT_1 = "04"  # the state's number in /proc/net/tcp
+
+
+def unsent_in_closed_sockets(port):
+    """Bytes the kernel still holds to send from server sockets on `port` that the chat has
+    closed (FIN-WAIT-1: its close waits behind data the client never took)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("the kernel's sockets are read from /proc/net/tcp (Linux)")
+    total = 0
+    for line in table.read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        tx_queue = int(fields[4].split(":")[0], 16)
+        if local_port == port and fields[3] == FIN_WAIT_1:
+            total += tx_queue
+    return total
+
+
+@pytest.mark.timeout(60)
+def test_a_non_reader_dropped_for_its_queue_leaves_nothing_queued_in_the_kernel(server):
+    big = {"type": "message", "id": 0, "name": "x", "text": "x" * 2000}
+
+    async def flood_until_dropped():
+        for _ in range(2000):  # 4 MB: past MAX_QUEUED and the kernel's buffer
+            if "silent" not in the_room().clients.values():
+                return True
+            the_room().send_to_all(big)
+            await asyncio.sleep(0)
+        return False
+
+    with contextlib.closing(silent_client(server.ws_port)):
+        wait_until(lambda: "silent" in the_room().clients.values(), what="silent in the room")
+        assert ask_room(flood_until_dropped()), "the non-reader was not dropped"
+        assert unsent_in_closed_sockets(server.ws_port) == 0  # it was 256 KiB, for minutes
+
+
+@pytest.mark.timeout(60)
+def test_a_non_reader_dropped_for_its_pings_leaves_nothing_queued_in_the_kernel(monkeypatch):
+    monkeypatch.setattr(chat, "PING_INTERVAL", 0.2)  # 20 s in real life; the mechanism is the same
+    monkeypatch.setattr(chat, "PING_TIMEOUT", 0.3)
+    with running_servers(history=50) as servers:
+        seed_big(50)  # one piece of 400 KB: more than the kernel's buffer, less than MAX_QUEUED
+        with resumes_that_never_read(servers, 1, "127.0.0.2"):
+            wait_until(lambda: not kernel_send_queues(servers), what="the non-reader dropped")
+            assert unsent_in_closed_sockets(servers.ws_port) == 0
 
 
 # --- A handshake for a path that is no URL path ------------------------------------------
