@@ -7,6 +7,7 @@ addresses (127.0.0.0/8 is all this machine): a socket binds one before it connec
 
 import contextlib
 import fcntl
+import gc
 import json
 import re
 import signal
@@ -18,7 +19,15 @@ import time
 import pytest
 
 from parts import http_server
-from tests.helpers import ChatProcess, request, running_servers, wait_until
+from tests.helpers import (
+    ChatProcess,
+    ask_room,
+    request,
+    running_servers,
+    the_room,
+    tracebacks,
+    wait_until,
+)
 
 BIG = "\U0001f600" * 2000  # the longest text, of 4-byte characters: 8 KB of JSON
 PIPELINED = 60  # requests each non-reader sends at once: 48 MB of answers, 3 times what
@@ -210,6 +219,47 @@ def chat_process(*args):
         yield process
     finally:
         process.stop()
+
+
+async def longest_history():
+    """1000 messages of the longest JSON: U+0001 is 6 bytes, 12 KB a message."""
+    for _ in range(1000):
+        await the_room().post("big", "\u0001" * 2000)
+
+
+def non_readers_of_the_longest_answer(port, source, count):
+    """`count` connections from `source` that each ask GET /messages?limit=1000, read nothing."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /messages?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        socks.append(sock)
+    return socks
+
+
+@pytest.mark.filterwarnings(
+    # waitress's temporary file of an answer a worker was still writing when its connection
+    # closed is closed only by the garbage collector: a symptom of the same cause
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.timeout(60)
+def test_stopping_while_workers_write_answers_logs_no_traceback(caplog):
+    with running_servers(history=1000) as servers:
+        ask_room(longest_history())
+        held = non_readers_of_the_longest_answer(servers.port, "127.0.0.41", 40)
+        try:
+            wait_until(lambda: not workers_idle(servers), what="a worker answering")
+            servers.stop()
+        finally:
+            for sock in held:
+                sock.close()
+    found = tracebacks(caplog)
+    caplog.clear()  # its records hold the tracebacks, which hold the leaked temporary files
+    gc.collect()  # so they are closed here, where their warning is ignored
+    assert not found
 
 
 # --- Connections per client address ---------------------------------------------------

@@ -20,7 +20,6 @@ from tests.helpers import (
     running_servers,
     silent_client,
     the_room,
-    tracebacks,
     wait_until,
 )
 
@@ -168,31 +167,3 @@ def non_readers_of_the_longest_answer(port, source, count):
         sock.sendall(b"GET /messages?limit=1000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         socks.append(sock)
     return socks
-
-
-@pytest.mark.filterwarnings(
-    # waitress's temporary file of an answer a worker was still writing when its connection
-    # closed is closed only by the garbage collector: a symptom of the same cause
-    "ignore::pytest.PytestUnraisableExceptionWarning"
-)
-@pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="stop_waitress() (parts/fixes.py) closes every socket and the trigger while workers "
-    "still write answers: waitress logs 'Exception while serving /messages' (OSError: Bad file "
-    "descriptor) and 'Unexpected exception when flushing' (AttributeError) with tracebacks",
-)
-def test_stopping_while_workers_write_answers_logs_no_traceback(caplog):
-    with running_servers(history=1000) as servers:
-        ask_room(longest_history())
-        held = non_readers_of_the_longest_answer(servers.port, "127.0.0.41", 40)
-        try:
-            wait_until(lambda: not workers_idle(servers), what="a worker answering")
-            servers.stop()
-        finally:
-            for sock in held:
-                sock.close()
-    found = tracebacks(caplog)
-    caplog.clear()  # its records hold the tracebacks, which hold the leaked temporary files
-    gc.collect()  # so they are closed here, where their warning is ignored
-    assert not found
