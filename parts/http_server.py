@@ -22,6 +22,11 @@ chat's 4). `create()` makes a waitress server that guarantees, whatever one clie
   its unsent bytes, up to 2 x SEND_BUFFER, for minutes after (FIN-WAIT-1), and a client
   that comes back for more piled up hundreds of MB. A connection closed after a whole answer
   keeps its graceful close.
+- **What one address holds in answers not yet taken is bounded**: its connections' requests
+  are answered ANSWERS_AT_ONCE at a time, and the next one is parsed only while its
+  connections hold less than HELD_PER_ADDRESS of answers unsent; past it, its requests wait
+  unread until the answers before them leave or their connections close. 100 connections of
+  one address that each asked for the longest answer and read nothing held 1.2 GB.
 - **One client address holds at most `per_address` connections**: MAX_CONNECTIONS_PER_ADDRESS
   (100), or half of `connection_limit` when that is lower, so one address never has them all.
   A connection past that is closed as soon as it is accepted, before anything is read; other
@@ -55,6 +60,16 @@ MAX_CONNECTIONS_PER_ADDRESS = 100
 # bookkeeping included). 512 KB in flight fill a LAN, and the loopback to a proxy; measured on
 # loopback, GET /messages?limit=1000 cost the same CPU and time with it as without.
 SEND_BUFFER = 256 * 1024
+
+# Bytes of answers one address's connections may hold unsent before its next request waits
+# unread. The answers its workers are writing come on top (ANSWERS_AT_ONCE of 12.2 MB at
+# most), so an address holds 41 MB at most, where 100 connections held 1.2 GB. Above the
+# longest answer: a client that reads slowly never waits for its own answer.
+HELD_PER_ADDRESS = 16 * 1024 * 1024
+
+# Requests of one address answered at once: half of waitress's 4 workers, so that one
+# address never has them all, and the others answer everyone else.
+ANSWERS_AT_ONCE = 2
 
 # SO_LINGER on, for 0 s: close() discards what is unsent and resets the connection.
 RESET_ON_CLOSE = struct.pack("ii", 1, 0)
@@ -106,7 +121,7 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
         with self.requests_lock:
             if self.will_close or self.close_when_flushed:
                 return False
-            while data and not self.requests:
+            while data and not self.requests and self.server.may_answer(self):
                 if self.request is None:
                     self.request = self.parser_class(self.adj)
                 data = data[self.request.received(data) :]
@@ -120,6 +135,7 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
                     self.sent_continue = False
                     if not self.request.empty:  # a blank line between requests is no request
                         self.requests.append(self.request)
+                        self.server.answering(self)
                         self.server.add_task(self)
                     self.request = None
             self.unread = data
@@ -142,7 +158,7 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
             self.received(data)
 
     def ready_for_next(self):
-        return bool(self.unread) and super().readable()
+        return bool(self.unread) and super().readable() and self.server.may_answer(self)
 
     def unsent(self):
         """Whether an answer, or part of one, waits for this client: in waitress's buffer, or
@@ -166,7 +182,8 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
 
 class GuardedServer(waitress.server.TcpWSGIServer):
     """waitress's TCP server with OneRequestAtATime connections, SEND_BUFFER each, a cap per
-    client address, and idle connections closed even when their client reads nothing."""
+    client address on connections and on answers held, and idle connections closed even
+    when their client reads nothing."""
 
     channel_class = OneRequestAtATime
 
@@ -174,6 +191,7 @@ class GuardedServer(waitress.server.TcpWSGIServer):
         self.address_of = address_of
         self.per_address = max(1, min(MAX_CONNECTIONS_PER_ADDRESS, adj.connection_limit // 2))
         self.uncapped = adj.trusted_proxy  # None without a proxy
+        self.held = None  # per address: [answers being written, bytes unsent]; see may_answer()
         super().__init__(app, adj=adj, **options)
 
     def admits(self, channel):
@@ -186,6 +204,34 @@ class GuardedServer(waitress.server.TcpWSGIServer):
             return True
         same = sum(other.client == channel.client for other in self.active_channels.values())
         return same <= self.per_address
+
+    def may_answer(self, channel):
+        """Whether `channel`'s next request may be parsed and answered now: its address has
+        fewer than ANSWERS_AT_ONCE being answered, and less than HELD_PER_ADDRESS unsent.
+
+        The I/O thread counts every address's answers once per pass of its loop (see
+        readable()), over the connections (1000 at most), and adds those it starts since.
+        """
+        if channel.addr[0] == self.uncapped:
+            return True
+        if self.held is None:
+            self.held = {}
+            for other in self.active_channels.values():
+                held = self.held.setdefault(other.client, [0, 0])
+                held[0] += bool(other.requests)
+                held[1] += other.total_outbufs_len
+        answers, unsent = self.held.get(channel.client, (0, 0))
+        return answers < ANSWERS_AT_ONCE and unsent < HELD_PER_ADDRESS
+
+    def answering(self, channel):
+        """Counts a request of `channel` just handed to a worker (see may_answer())."""
+        if self.held is not None:
+            self.held.setdefault(channel.client, [0, 0])[0] += 1
+
+    def readable(self):
+        """waitress's; called once per pass of the I/O loop."""
+        self.held = None  # answers and bytes held change between passes: counted again
+        return super().readable()
 
     def set_socket_options(self, conn):
         """waitress's (TCP_NODELAY), and SEND_BUFFER: before the channel reads it as the size

@@ -222,6 +222,43 @@ def chat_process(*args):
         process.stop()
 
 
+@pytest.mark.filterwarnings(
+    # waitress's temporary file of an answer a worker was still writing when its connection
+    # closed is closed only by the garbage collector: a symptom of the same cause
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+@pytest.mark.timeout(120)
+def test_what_one_address_of_non_readers_holds_in_answers_is_bounded():
+    bound = 64 * 1024 * 1024
+
+    with running_servers(history=1000) as servers:
+        ask_room(longest_history())
+        held = []
+        try:
+            held += non_readers_of_the_longest_answer(servers.port, "127.0.0.40", 100)
+
+            def held_for_them():
+                channels = list(servers.http_server.active_channels.values())
+                return sum(c.total_outbufs_len for c in channels if c.addr[0] == "127.0.0.40")
+
+            samples = []
+
+            def past_the_bound_or_settled():
+                """Past the bound, or the same for 1.5 s with every worker idle."""
+                samples.append(held_for_them())
+                time.sleep(0.5)
+                settled = len(samples) > 3 and len(set(samples[-3:])) == 1 and samples[-1] > 0
+                return samples[-1] > bound or (settled and workers_idle(servers))
+
+            wait_until(past_the_bound_or_settled, timeout=60, what="the answers held")
+            assert held_for_them() <= bound
+        finally:
+            for sock in held:
+                sock.close()
+            wait_until(lambda: workers_idle(servers), timeout=60, what="the workers done")
+            gc.collect()  # the leaked temporary files, here where their warning is ignored
+
+
 async def longest_history():
     """1000 messages of the longest JSON: U+0001 is 6 bytes, 12 KB a message."""
     for _ in range(1000):
