@@ -27,6 +27,12 @@ chat's 4). `create()` makes a waitress server that guarantees, whatever one clie
   connections hold less than HELD_PER_ADDRESS of answers unsent; past it, its requests wait
   unread until the answers before them leave or their connections close. 100 connections of
   one address that each asked for the longest answer and read nothing held 1.2 GB.
+- **Idle connections never lock others out**: when all `connection_limit` connections are
+  open, a new one takes the place of the connection idle the longest with no request being
+  answered, as a cache evicts; its browser opens another when it needs one, as it does after
+  channel_timeout. Only when every connection has a request being answered is the new one
+  closed. (waitress stops accepting instead: 10 addresses of 100 idle connections each took
+  every place, and `/health` from anyone else timed out.)
 - **One client address holds at most `per_address` connections**: MAX_CONNECTIONS_PER_ADDRESS
   (100), or half of `connection_limit` when that is lower, so one address never has them all.
   A connection past that is closed as soon as it is accepted, before anything is read; other
@@ -44,6 +50,7 @@ import fcntl
 import socket
 import struct
 import termios
+import time
 
 import waitress.adjustments
 import waitress.channel
@@ -114,6 +121,8 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
                 server.per_address,
             )
             self.handle_close()  # before a byte is read or written: the cheapest refusal
+        else:
+            server.make_room(self)
 
     def received(self, data):
         """waitress's received(), but it stops at the end of the first whole request: the
@@ -182,8 +191,8 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
 
 class GuardedServer(waitress.server.TcpWSGIServer):
     """waitress's TCP server with OneRequestAtATime connections, SEND_BUFFER each, a cap per
-    client address on connections and on answers held, and idle connections closed even
-    when their client reads nothing."""
+    client address on connections and on answers held, idle connections closed even when
+    their client reads nothing, and the longest-idle one closed for a new one when full."""
 
     channel_class = OneRequestAtATime
 
@@ -204,6 +213,17 @@ class GuardedServer(waitress.server.TcpWSGIServer):
             return True
         same = sum(other.client == channel.client for other in self.active_channels.values())
         return same <= self.per_address
+
+    def make_room(self, channel):
+        """Called for `channel`, just accepted: past connection_limit, closes the connection
+        idle the longest with no request being answered, or else `channel` itself."""
+        if len(self._map) <= self.adj.connection_limit:
+            return
+        idle = [other for other in self.active_channels.values() if not other.requests]
+        oldest = min(
+            (o for o in idle if o is not channel), key=lambda o: o.last_activity, default=channel
+        )
+        oldest.drop()
 
     def may_answer(self, channel):
         """Whether `channel`'s next request may be parsed and answered now: its address has
@@ -229,9 +249,14 @@ class GuardedServer(waitress.server.TcpWSGIServer):
             self.held.setdefault(channel.client, [0, 0])[0] += 1
 
     def readable(self):
-        """waitress's; called once per pass of the I/O loop."""
+        """waitress's, but it accepts also when connection_limit connections are open: the new
+        one takes another's place (make_room()). Called once per pass of the I/O loop."""
         self.held = None  # answers and bytes held change between passes: counted again
-        return super().readable()
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        return self.accepting
 
     def set_socket_options(self, conn):
         """waitress's (TCP_NODELAY), and SEND_BUFFER: before the channel reads it as the size

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import termios
+import threading
 import time
 
 import pytest
@@ -360,3 +361,33 @@ def test_behind_the_proxy_its_connections_are_not_capped_per_address():
         closing_all(connected_from(servers.port, "127.0.0.1", 150)) as held,
     ):
         assert all(answers(sock, servers.port) for sock in held[-50:])
+
+
+@pytest.mark.timeout(120)
+def test_idle_connections_from_ten_addresses_leave_health_answering():
+    process = ChatProcess("--port", "0", "--ws-port", "0")
+    held = []
+    try:
+        process.urls()
+        for address in range(10):
+            for _ in range(100):
+                sock = socket.socket()
+                sock.bind((f"127.0.13.{address + 1}", 0))
+                sock.connect(("127.0.0.1", process.port))
+                held.append(sock)
+        answer = {}
+
+        def health():
+            try:
+                answer["status"] = request(process.port, "GET", "/health", source="127.0.0.99")
+            except OSError as error:  # a timeout: nobody accepted the connection
+                answer["status"] = error
+
+        thread = threading.Thread(target=health, daemon=True)
+        thread.start()
+        thread.join(12)
+        assert getattr(answer.get("status"), "status", answer.get("status")) == 200
+    finally:
+        for sock in held:
+            sock.close()
+        process.stop()
