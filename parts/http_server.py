@@ -219,11 +219,13 @@ class GuardedServer(waitress.server.TcpWSGIServer):
         idle the longest with no request being answered, or else `channel` itself."""
         if len(self._map) <= self.adj.connection_limit:
             return
-        idle = [other for other in self.active_channels.values() if not other.requests]
-        oldest = min(
-            (o for o in idle if o is not channel), key=lambda o: o.last_activity, default=channel
-        )
-        oldest.drop()
+        idle = [
+            other
+            for other in self.active_channels.values()
+            if other is not channel and not other.requests
+        ]
+        longest_idle = min(idle, key=lambda other: other.last_activity, default=channel)
+        longest_idle.drop()
 
     def may_answer(self, channel):
         """Whether `channel`'s next request may be parsed and answered now: its address has
