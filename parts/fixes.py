@@ -206,11 +206,16 @@ def asyncio_event_loop():
 def stop_waitress(server, socket_map, thread):
     """Stop a waitress server that runs in `thread` (None: bound, but never served).
 
-    waitress documents only serve(), which runs until the process ends. To stop it from
-    another thread, its own trigger (a pipe its I/O loop watches) runs close_all() in that
-    loop; a request's wake-up can come first and close the trigger, which is just as good.
-    Then its worker threads finish the requests they have.
+    waitress documents only serve(), which runs until the process ends. Its worker threads
+    stop first: each finishes the answer it is writing (a worker never waits for a client,
+    see parts/http_server.py), and the requests still queued are dropped. Only then are the
+    sockets closed: closed under a worker writing its answer, waitress logged two tracebacks
+    (a write to a closed descriptor, then a flush of a buffer already gone). To close them
+    from another thread, its own trigger (a pipe its I/O loop watches) runs close_all() in
+    that loop; a request's wake-up can come first and close the trigger, which is just as
+    good.
     """
+    server.task_dispatcher.shutdown(timeout=4)
     close_all = functools.partial(waitress.wasyncore.close_all, socket_map)
     if thread is None:
         close_all()
@@ -218,7 +223,6 @@ def stop_waitress(server, socket_map, thread):
         with contextlib.suppress(OSError):  # the trigger was closed by the time we pulled it
             server.trigger.pull_trigger(close_all)
         thread.join(5)
-    server.task_dispatcher.shutdown(timeout=5)
 
 
 async def close_websockets(server, handshakes, close_timeout):

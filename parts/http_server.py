@@ -17,7 +17,22 @@ chat's 4). `create()` makes a waitress server that guarantees, whatever one clie
   nothing: 100 such connections held 312 MB of the kernel's memory, now 46 MB.
 - **A connection that takes nothing for `channel_timeout` seconds is closed**, also when
   the kernel's buffer for it is full. waitress only marks such a connection, to be closed on
-  its next write, which a client that reads nothing never allows.
+  its next write, which a client that reads nothing never allows. A connection closed with
+  an answer left unsent is reset (SO_LINGER 0): a plain close would leave the kernel holding
+  its unsent bytes, up to 2 x SEND_BUFFER, for minutes after (FIN-WAIT-1), and a client
+  that comes back for more piled up hundreds of MB. A connection closed after a whole answer
+  keeps its graceful close.
+- **What one address holds in answers not yet taken is bounded**: its connections' requests
+  are answered ANSWERS_AT_ONCE at a time, and the next one is parsed only while its
+  connections hold less than HELD_PER_ADDRESS of answers unsent; past it, its requests wait
+  unread until the answers before them leave or their connections close. 100 connections of
+  one address that each asked for the longest answer and read nothing held 1.2 GB.
+- **Idle connections never lock others out**: when all `connection_limit` connections are
+  open, a new one takes the place of the connection idle the longest with no request being
+  answered, as a cache evicts; its browser opens another when it needs one, as it does after
+  channel_timeout. Only when every connection has a request being answered is the new one
+  closed. (waitress stops accepting instead: 10 addresses of 100 idle connections each took
+  every place, and `/health` from anyone else timed out.)
 - **One client address holds at most `per_address` connections**: MAX_CONNECTIONS_PER_ADDRESS
   (100), or half of `connection_limit` when that is lower, so one address never has them all.
   A connection past that is closed as soon as it is accepted, before anything is read; other
@@ -30,7 +45,12 @@ chat's 4). `create()` makes a waitress server that guarantees, whatever one clie
   without an answer.
 """
 
+import contextlib
+import fcntl
 import socket
+import struct
+import termios
+import time
 
 import waitress.adjustments
 import waitress.channel
@@ -47,6 +67,19 @@ MAX_CONNECTIONS_PER_ADDRESS = 100
 # bookkeeping included). 512 KB in flight fill a LAN, and the loopback to a proxy; measured on
 # loopback, GET /messages?limit=1000 cost the same CPU and time with it as without.
 SEND_BUFFER = 256 * 1024
+
+# Bytes of answers one address's connections may hold unsent before its next request waits
+# unread. The answers its workers are writing come on top (ANSWERS_AT_ONCE of 12.2 MB at
+# most), so an address holds 41 MB at most, where 100 connections held 1.2 GB. Above the
+# longest answer: a client that reads slowly never waits for its own answer.
+HELD_PER_ADDRESS = 16 * 1024 * 1024
+
+# Requests of one address answered at once: half of waitress's 4 workers, so that one
+# address never has them all, and the others answer everyone else.
+ANSWERS_AT_ONCE = 2
+
+# SO_LINGER on, for 0 s: close() discards what is unsent and resets the connection.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
 def create(app, host, port, map=None, address_of=str, **settings):
@@ -88,6 +121,8 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
                 server.per_address,
             )
             self.handle_close()  # before a byte is read or written: the cheapest refusal
+        else:
+            server.make_room(self)
 
     def received(self, data):
         """waitress's received(), but it stops at the end of the first whole request: the
@@ -95,7 +130,7 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
         with self.requests_lock:
             if self.will_close or self.close_when_flushed:
                 return False
-            while data and not self.requests:
+            while data and not self.requests and self.server.may_answer(self):
                 if self.request is None:
                     self.request = self.parser_class(self.adj)
                 data = data[self.request.received(data) :]
@@ -109,6 +144,7 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
                     self.sent_continue = False
                     if not self.request.empty:  # a blank line between requests is no request
                         self.requests.append(self.request)
+                        self.server.answering(self)
                         self.server.add_task(self)
                     self.request = None
             self.unread = data
@@ -131,12 +167,32 @@ class OneRequestAtATime(waitress.channel.HTTPChannel):
             self.received(data)
 
     def ready_for_next(self):
-        return bool(self.unread) and super().readable()
+        return bool(self.unread) and super().readable() and self.server.may_answer(self)
+
+    def unsent(self):
+        """Whether an answer, or part of one, waits for this client: in waitress's buffer, or
+        in the kernel's (TIOCOUTQ: the bytes it has not sent)."""
+        if self.total_outbufs_len:
+            return True
+        try:
+            queued = fcntl.ioctl(self.socket, termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:  # closed already
+            return False
+        return struct.unpack("i", queued)[0] > 0
+
+    def drop(self):
+        """Close a connection the server gives up on; reset it if an answer is left unsent,
+        so that the kernel forgets those bytes now instead of minutes later."""
+        if self.unsent():
+            with contextlib.suppress(OSError):  # closed already
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        self.handle_close()
 
 
 class GuardedServer(waitress.server.TcpWSGIServer):
     """waitress's TCP server with OneRequestAtATime connections, SEND_BUFFER each, a cap per
-    client address, and idle connections closed even when their client reads nothing."""
+    client address on connections and on answers held, idle connections closed even when
+    their client reads nothing, and the longest-idle one closed for a new one when full."""
 
     channel_class = OneRequestAtATime
 
@@ -144,6 +200,7 @@ class GuardedServer(waitress.server.TcpWSGIServer):
         self.address_of = address_of
         self.per_address = max(1, min(MAX_CONNECTIONS_PER_ADDRESS, adj.connection_limit // 2))
         self.uncapped = adj.trusted_proxy  # None without a proxy
+        self.held = None  # per address: [answers being written, bytes unsent]; see may_answer()
         super().__init__(app, adj=adj, **options)
 
     def admits(self, channel):
@@ -157,6 +214,52 @@ class GuardedServer(waitress.server.TcpWSGIServer):
         same = sum(other.client == channel.client for other in self.active_channels.values())
         return same <= self.per_address
 
+    def make_room(self, channel):
+        """Called for `channel`, just accepted: past connection_limit, closes the connection
+        idle the longest with no request being answered, or else `channel` itself."""
+        if len(self._map) <= self.adj.connection_limit:
+            return
+        idle = [
+            other
+            for other in self.active_channels.values()
+            if other is not channel and not other.requests
+        ]
+        longest_idle = min(idle, key=lambda other: other.last_activity, default=channel)
+        longest_idle.drop()
+
+    def may_answer(self, channel):
+        """Whether `channel`'s next request may be parsed and answered now: its address has
+        fewer than ANSWERS_AT_ONCE being answered, and less than HELD_PER_ADDRESS unsent.
+
+        The I/O thread counts every address's answers once per pass of its loop (see
+        readable()), over the connections (1000 at most), and adds those it starts since.
+        """
+        if channel.addr[0] == self.uncapped:
+            return True
+        if self.held is None:
+            self.held = {}
+            for other in self.active_channels.values():
+                held = self.held.setdefault(other.client, [0, 0])
+                held[0] += bool(other.requests)
+                held[1] += other.total_outbufs_len
+        answers, unsent = self.held.get(channel.client, (0, 0))
+        return answers < ANSWERS_AT_ONCE and unsent < HELD_PER_ADDRESS
+
+    def answering(self, channel):
+        """Counts a request of `channel` just handed to a worker (see may_answer())."""
+        if self.held is not None:
+            self.held.setdefault(channel.client, [0, 0])[0] += 1
+
+    def readable(self):
+        """waitress's, but it accepts also when connection_limit connections are open: the new
+        one takes another's place (make_room()). Called once per pass of the I/O loop."""
+        self.held = None  # answers and bytes held change between passes: counted again
+        now = time.time()
+        if now >= self.next_channel_cleanup:
+            self.next_channel_cleanup = now + self.adj.cleanup_interval
+            self.maintenance(now)
+        return self.accepting
+
     def set_socket_options(self, conn):
         """waitress's (TCP_NODELAY), and SEND_BUFFER: before the channel reads it as the size
         of its sends."""
@@ -165,7 +268,8 @@ class GuardedServer(waitress.server.TcpWSGIServer):
 
     def maintenance(self, now):
         """Closes the connections idle for channel_timeout: no request being answered, and
-        nothing received or sent since. (waitress's own only marks them, see above.)"""
+        nothing received or sent since (waitress's own only marks them, see above); resets
+        those with an answer left unsent (drop())."""
         cutoff = now - self.adj.channel_timeout
         idle = [
             channel
@@ -173,4 +277,4 @@ class GuardedServer(waitress.server.TcpWSGIServer):
             if not channel.requests and channel.last_activity < cutoff
         ]
         for channel in idle:
-            channel.handle_close()
+            channel.drop()

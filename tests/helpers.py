@@ -810,3 +810,22 @@ RTL_TEXT = "مرحبا بالجميع"  # hello everyone
 
 def rename(ws, name):
     ws.send(json.dumps({"type": "name", "name": name}))
+
+
+FIN_WAIT_1 = "04"  # the state's number in /proc/net/tcp
+
+
+def unsent_in_closed_sockets(port):
+    """Bytes the kernel still holds to send from server sockets on `port` that the chat has
+    closed (FIN-WAIT-1: its close waits behind data the client never took)."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("the kernel's sockets are read from /proc/net/tcp (Linux)")
+    total = 0
+    for line in table.read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        tx_queue = int(fields[4].split(":")[0], 16)
+        if local_port == port and fields[3] == FIN_WAIT_1:
+            total += tx_queue
+    return total

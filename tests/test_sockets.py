@@ -11,7 +11,6 @@ import socket
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import chat
 from parts import voices
@@ -33,6 +32,7 @@ from tests.helpers import (
     silent_client,
     the_room,
     tracebacks,
+    unsent_in_closed_sockets,
     wait_for_health,
     wait_until,
     ws_url,
@@ -149,24 +149,6 @@ def test_a_connection_that_waits_too_long_for_its_turn_is_closed_to_come_back(mo
 
 
 # --- What a dropped client leaves in the kernel -----------------------------------------
-
-FIN_WAIT_1 = "04"  # the state's number in /proc/net/tcp
-
-
-def unsent_in_closed_sockets(port):
-    """Bytes the kernel still holds to send from server sockets on `port` that the chat has
-    closed (FIN-WAIT-1: its close waits behind data the client never took)."""
-    table = Path("/proc/net/tcp")
-    if not table.exists():
-        pytest.skip("the kernel's sockets are read from /proc/net/tcp (Linux)")
-    total = 0
-    for line in table.read_text().splitlines()[1:]:
-        fields = line.split()
-        local_port = int(fields[1].split(":")[1], 16)
-        tx_queue = int(fields[4].split(":")[0], 16)
-        if local_port == port and fields[3] == FIN_WAIT_1:
-            total += tx_queue
-    return total
 
 
 @pytest.mark.timeout(60)
