@@ -26,6 +26,7 @@ from tests.helpers import (
     say,
     stored_texts,
     texts,
+    the_room,
     ws_url,
 )
 
@@ -112,7 +113,7 @@ def test_browser_a_paste_of_30_quick_sends_all_go_through_in_order_without_a_cli
 ):
     from playwright.sync_api import expect
 
-    monkeypatch.setattr(chat, "BURST", 3)  # past the burst at once, so most wait for the limit
+    monkeypatch.setattr(the_room().message_buckets, "burst", 3)  # most wait for the limit
     page = open_page(server.port)
     page.evaluate("""() => {
         const form = document.getElementById("chat-form");
@@ -177,7 +178,7 @@ def test_browser_online_a_message_the_chat_asks_to_wait_does_not_say_when_the_ch
     "it goes as soon as the chat is back"."""
     from playwright.sync_api import expect
 
-    monkeypatch.setattr(chat, "BURST", 3)  # most of the 30 wait for the limit
+    monkeypatch.setattr(the_room().message_buckets, "burst", 3)  # most of the 30 wait
     page = open_page(server.port, "alice")
     page.evaluate("""() => {
         const form = document.getElementById("chat-form");
