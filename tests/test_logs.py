@@ -31,7 +31,11 @@ def test_waitress_task_queue_warnings_come_once_per_interval_not_per_request(
     busy = threading.Event()
     server.loop.call_soon_threadsafe(busy.wait, 10)  # the loop is busy: requests wait for it
     with concurrent.futures.ThreadPoolExecutor(12) as clients:
-        answers = [clients.submit(request, server.port, "GET", "/health") for _ in range(12)]
+        # from 12 addresses: one address gets only two answers written at a time
+        answers = [
+            clients.submit(request, server.port, "GET", "/health", source=f"127.0.5.{n}")
+            for n in range(1, 13)
+        ]
         queue = server.http_server.task_dispatcher.queue
         wait_until(lambda: len(queue) >= 6, what="requests queued for waitress's threads")
         busy.set()
