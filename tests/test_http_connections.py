@@ -288,7 +288,13 @@ def non_readers_of_the_longest_answer(port, source, count):
 def test_stopping_while_workers_write_answers_logs_no_traceback(caplog):
     with running_servers(history=1000) as servers:
         ask_room(longest_history())
-        held = non_readers_of_the_longest_answer(servers.port, "127.0.0.41", 40)
+        # from 20 addresses, 2 each: one address gets only two answers written at a time, so
+        # 40 answers of 12 MB keep the workers writing while the test stops the servers
+        held = [
+            sock
+            for n in range(20)
+            for sock in non_readers_of_the_longest_answer(servers.port, f"127.0.0.{41 + n}", 2)
+        ]
         try:
             wait_until(lambda: not workers_idle(servers), what="a worker answering")
             servers.stop()
