@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
@@ -416,10 +417,14 @@ def test_check_says_in_one_line_each_that_a_port_is_in_use_and_a_package_is_miss
 
 
 def test_check_is_ready_in_a_venv_with_the_requirements(tmp_path):
-    """A venv that sees this Python's packages, as an attendee's after the install. An
-    attendee's venv has no NumPy, which breaks hug (check.py says so): here it is hidden."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    """The tests' own venv, which has the requirements, as an attendee's has after the install;
+    run outside one, a venv that sees this Python's packages. An attendee's venv has no NumPy,
+    which breaks hug (check.py says so): here it is hidden."""
+    if sys.prefix != sys.base_prefix:  # in a venv: a venv made from it would not see its packages
+        venv = Path(sys.prefix)
+    else:
+        venv = tmp_path / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
     (tmp_path / "numpy.py").write_text('raise ImportError("not in an attendee\'s venv")\n')
     done = subprocess.run(
         [venv / "bin" / "python", STEPS / "check.py", "--port", "0", "--ws-port", "0"],
