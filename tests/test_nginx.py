@@ -93,6 +93,7 @@ def test_browser_two_pages_behind_nginx_chat_in_one_order_over_wss_and_a_reload_
     say(alice, "one")
     expect(texts(bob)).to_have_text(["one"])
     say(bob, "two")
+    expect(texts(alice)).to_have_text(["one", "two"])  # else "three" may be stored first
     say(alice, "three")
     for page in (alice, bob):
         expect(texts(page)).to_have_text(["one", "two", "three"])
